@@ -1,0 +1,1 @@
+"""Alembic migrations of pgpush, installed as the package ``pgpush_migrations``."""

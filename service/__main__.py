@@ -1,0 +1,5 @@
+"""`python -m service` is `pgpush`."""
+
+from service.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The application factory: no work at import time; the lifespan builds pool → hub → listener."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import ORJSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from service import __version__
+from service.api import events, health, page
+from service.api.errors import install_error_handlers
+from service.auth import TokenVerifier
+from service.config import Settings
+from service.db import Database
+from service.hub import Hub
+from service.listener import Listener
+from service.metrics import Metrics
+from service.migrate import migrate
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """A pgpush app for these settings; `settings.database_url` must be set (the CLI resolves it)."""
+    if settings.database_url is None:
+        raise ValueError("create_app needs a database URL (the CLI starts the embedded Postgres)")
+    database_url: str = settings.database_url
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_start:
+            await asyncio.to_thread(migrate, database_url)
+        metrics: Metrics = app.state.metrics
+        db = await Database.connect(database_url, max_size=settings.pool_max_size)
+        hub = Hub(
+            db,
+            max_streams=settings.max_streams,
+            max_streams_per_user=settings.max_streams_per_user,
+            buffer_bytes=settings.stream_buffer_bytes,
+            backoff_max=settings.reconnect_backoff_max_seconds,
+            on_rows=metrics.rows_fetched.inc,
+        )
+
+        def on_hint(recipients: list[str] | None) -> None:
+            metrics.notifications.inc()
+            hub.notify(recipients)
+
+        listener = Listener(
+            settings.listen_database_url or database_url,
+            on_hint=on_hint,
+            on_connected=hub.resync,
+            on_reconnect=metrics.listener_reconnects.inc,
+            probe_interval=settings.listener_probe_seconds,
+            probe_timeout=settings.listener_probe_timeout_seconds,
+            safety_net_interval=settings.safety_net_seconds,
+            backoff_max=settings.reconnect_backoff_max_seconds,
+        )
+        metrics.listener_connected.set_function(lambda: float(listener.connected))
+        app.state.db, app.state.hub, app.state.listener = db, hub, listener
+        hub.start()
+        listener.start()
+        try:
+            yield
+        finally:
+            hub.shutdown()
+            await listener.stop()
+            await hub.stop()
+            await db.close()
+
+    app = FastAPI(
+        title="pgpush",
+        version=__version__,
+        summary="Postgres-backed per-user notifications over Server-Sent Events",
+        default_response_class=ORJSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.verifier = TokenVerifier(settings)
+    install_error_handlers(app)
+    app.include_router(events.router)
+    app.include_router(health.router)
+    if settings.serve_page:
+        app.include_router(page.router)
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_credentials=True,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        )
+    return app

@@ -1,0 +1,103 @@
+"""The service's settings: one frozen pydantic-settings class read from the environment (DESIGN §5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+KiB = 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of pgpush. Names and defaults are part of the public contract (DESIGN §5)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PGPUSH_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    # Unset means "start an embedded Postgres under data_dir" (development mode).
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    listen_database_url: str | None = None
+    data_dir: Path = Path(".pgpush")
+
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_algorithms: Annotated[tuple[str, ...], NoDecode] = ("HS256",)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_seconds: float = Field(default=30, ge=0)
+    ticket_ttl_seconds: int = Field(default=60, ge=1)
+
+    heartbeat_seconds: float = Field(default=15, gt=0)
+    idle_timeout_seconds: float = Field(default=300, gt=0)
+    retry_ms: int = Field(default=3000, ge=0)
+    pause_retry_ms: int = Field(default=60000, ge=0)
+    replay_limit: int = Field(default=1000, ge=1)
+    max_streams_per_user: int = Field(default=10, ge=1)
+    max_streams: int = Field(default=50000, ge=1)
+    shutdown_jitter_ms: int = Field(default=5000, ge=0)
+    max_body_bytes: int = Field(default=MiB, ge=1)
+    max_data_bytes: int = Field(default=64 * KiB, ge=1)
+    # Bytes a stream may have queued and unsent before it is cut (the client resumes from the table).
+    stream_buffer_bytes: int = Field(default=256 * KiB, ge=1024)
+
+    migrate_on_start: bool = False
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    serve_page: bool = True
+    log_level: str = "info"
+
+    # Listener health: a NOTIFY round trip every probe interval; a full catch-up read every safety interval.
+    listener_probe_seconds: float = Field(default=10, gt=0)
+    listener_probe_timeout_seconds: float = Field(default=5, gt=0)
+    safety_net_seconds: float = Field(default=30, gt=0)
+    reconnect_backoff_max_seconds: float = Field(default=2, gt=0)
+    pool_max_size: int = Field(default=10, ge=1)
+
+    @field_validator("jwt_algorithms", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        """Accept a comma- or space-separated string from the environment."""
+        if isinstance(value, str):
+            return tuple(part for part in value.replace(",", " ").split() if part)
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _no_none_algorithm(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one JWT algorithm is required")
+        if any(alg.lower() == "none" for alg in value):
+            raise ValueError('the "none" JWT algorithm can never be allowed')
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard_origin(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Credentials (the cookie form) are allowed, so a wildcard would let any site read streams.
+        if "*" in value:
+            raise ValueError("PGPUSH_CORS_ORIGINS must list origins explicitly; '*' is refused")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_outside_development(self) -> Settings:
+        has_key = self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url
+        if self.database_url is not None and not has_key:
+            raise ValueError(
+                "DATABASE_URL is set but no JWT key is: set PGPUSH_JWT_SECRET, PGPUSH_JWT_PUBLIC_KEY "
+                "or PGPUSH_JWT_JWKS_URL (only the embedded development mode makes its own secret)"
+            )
+        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 32:
+            raise ValueError("PGPUSH_JWT_SECRET must be at least 32 characters (RFC 7518 §3.2)")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when pgpush runs its own Postgres (no DATABASE_URL)."""
+        return self.database_url is None

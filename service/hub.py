@@ -1,0 +1,351 @@
+"""Recipient → live streams: one fetcher reads new rows in batches and copies them into bounded buffers.
+
+The hub never blocks on a stream: a stream whose client does not keep up is closed (it resumes from its
+Last-Event-ID), so one slow client cannot stall the others and memory stays bounded (DESIGN §2.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from service.db import UNAVAILABLE_ERRORS, Database, Row
+from service.sse import compact_json, message_frame
+
+log = logging.getLogger("pgpush.hub")
+
+# Recipients per fetch query and rows per recipient per query: keeps each round trip and its memory small.
+FETCH_CHUNK = 2000
+FETCH_PAGE = 500
+
+
+class CloseReason(StrEnum):
+    """Why a stream ended; logged and counted."""
+
+    CLIENT_GONE = "client_gone"
+    OVERFLOW = "overflow"
+    SEND_TIMEOUT = "send_timeout"
+    SHUTDOWN = "shutdown"
+    PAUSE = "pause"
+    TOKEN_EXPIRED = "token_expired"
+    ERROR = "error"
+
+
+class StreamLimitError(Exception):
+    """Opening one more stream would break a cap; `per_user` tells which."""
+
+    def __init__(self, per_user: bool) -> None:
+        super().__init__("per-user stream limit" if per_user else "process stream limit")
+        self.per_user = per_user
+
+
+@dataclass(slots=True)
+class Frame:
+    """A row encoded once and shared by every stream of its recipient."""
+
+    seq: int
+    data: bytes
+    created_at: float
+
+
+def encode_row(row: Row) -> Frame:
+    return Frame(
+        row.seq, message_frame(row.seq, row.event, compact_json(row.data)), row.created_at.timestamp()
+    )
+
+
+class Stream:
+    """One client's connection as the hub sees it: a bounded buffer of encoded frames and a wake-up."""
+
+    __slots__ = (
+        "_bytes",
+        "_drained",
+        "_frames",
+        "_held",
+        "_held_bytes",
+        "_limit",
+        "_wake",
+        "close_reason",
+        "created_ats",
+        "delivered",
+        "queued_seq",
+        "recipient",
+        "send_guard",
+        "start_seq",
+    )
+
+    def __init__(self, recipient: str, buffer_bytes: int) -> None:
+        self.recipient = recipient
+        self.queued_seq = 0  # the highest seq handed to the writer
+        self.start_seq: int | None = None  # the hub's cursor when the stream joined: replay stops there
+        self.close_reason: CloseReason | None = None
+        self.delivered = 0
+        self.created_ats: list[float] = []
+        self.send_guard: asyncio.Timeout | None = None
+        self._frames: list[bytes] = []
+        self._bytes = 0
+        # Live frames wait here while the replay fills the stream, so the client sees seq order.
+        self._held: list[Frame] | None = []
+        self._held_bytes = 0
+        self._limit = buffer_bytes
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+
+    def push_live(self, frames: list[Frame]) -> None:
+        """Called by the hub's fetcher; never blocks, closes the stream when its buffer is full."""
+        if self.close_reason is not None:
+            return
+        if self._held is not None:
+            self._held.extend(frames)
+            self._held_bytes += sum(len(f.data) for f in frames)
+            if self._held_bytes > self._limit:
+                self.close(CloseReason.OVERFLOW)
+            return
+        self._append(frames)
+        if self._bytes > self._limit:
+            self.close(CloseReason.OVERFLOW)
+
+    def push_replay(self, frames: list[Frame]) -> None:
+        """Rows read by the replay; its caller waits for `drained` between pages instead of overflowing."""
+        self._append(frames)
+
+    def push_control(self, frame: bytes) -> None:
+        """A frame without a seq (reset)."""
+        self._frames.append(frame)
+        self._bytes += len(frame)
+        self._wake.set()
+
+    def go_live(self) -> None:
+        """Replay done: release the live frames that arrived meanwhile, skipping any it already sent."""
+        held, self._held, self._held_bytes = self._held or [], None, 0
+        self._append(held)
+
+    def _append(self, frames: Iterable[Frame]) -> None:
+        for frame in frames:
+            if frame.seq > self.queued_seq:
+                self._frames.append(frame.data)
+                self._bytes += len(frame.data)
+                self.created_ats.append(frame.created_at)
+                self.queued_seq = frame.seq
+                self.delivered += 1
+        if self._frames:
+            self._wake.set()
+
+    def take(self) -> list[bytes]:
+        """Everything pending for the client, to be written in one send."""
+        frames, self._frames = self._frames, []
+        self._bytes = 0
+        self._wake.clear()
+        self._drained.set()
+        return frames
+
+    def take_latencies(self) -> list[float]:
+        created, self.created_ats = self.created_ats, []
+        return created
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._frames)
+
+    async def wait(self) -> None:
+        """Until there is something to write or the stream is closed."""
+        await self._wake.wait()
+
+    async def wait_drained(self) -> None:
+        """Until the writer has taken what was pending (replay pacing)."""
+        while self._frames and self.close_reason is None:
+            self._drained.clear()
+            await self._drained.wait()
+
+    def close(self, reason: CloseReason) -> None:
+        """Ask the writer to finish; the first reason wins. A writer stuck in send is interrupted."""
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        self._wake.set()
+        self._drained.set()
+        if reason in (CloseReason.OVERFLOW, CloseReason.CLIENT_GONE) and self.send_guard is not None:
+            self.send_guard.reschedule(asyncio.get_running_loop().time())
+
+
+@dataclass(slots=True, eq=False)
+class _Recipient:
+    streams: set[Stream] = field(default_factory=set)
+    cursor: int | None = None  # the highest seq fetched for this recipient's live streams
+    ready: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Hub:
+    """The registry of live streams and the single task that reads new rows for them."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_streams: int,
+        max_streams_per_user: int,
+        buffer_bytes: int,
+        backoff_max: float = 2.0,
+        on_rows: Callable[[int], None] | None = None,
+    ) -> None:
+        self._db = db
+        self._recipients: dict[str, _Recipient] = {}
+        self._dirty: set[str] = set()
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._max_streams = max_streams
+        self._max_per_user = max_streams_per_user
+        self._buffer_bytes = buffer_bytes
+        self._backoff_max = backoff_max
+        self._on_rows = on_rows
+        self.stream_count = 0
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pgpush-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # --- streams -------------------------------------------------------------------------------------
+
+    def open(self, recipient: str) -> Stream:
+        """Register a stream at once, so no row committed from now on can pass it by."""
+        if self._closing:
+            raise StreamLimitError(per_user=False)
+        entry = self._recipients.get(recipient)
+        if entry is not None and len(entry.streams) >= self._max_per_user:
+            raise StreamLimitError(per_user=True)
+        if self.stream_count >= self._max_streams:
+            raise StreamLimitError(per_user=False)
+        if entry is None:
+            entry = self._recipients[recipient] = _Recipient()
+            self._work.set()  # its cursor is read by the fetcher, batched with other newcomers
+        stream = Stream(recipient, self._buffer_bytes)
+        stream.start_seq = entry.cursor
+        entry.streams.add(stream)
+        self.stream_count += 1
+        return stream
+
+    async def start_seq(self, stream: Stream) -> int:
+        """The seq up to which this stream must be filled from the table; live rows follow it."""
+        if stream.start_seq is None:
+            stream.start_seq = await asyncio.shield(self._recipients[stream.recipient].ready)
+        return stream.start_seq
+
+    def close(self, stream: Stream) -> None:
+        entry = self._recipients.get(stream.recipient)
+        if entry is None or stream not in entry.streams:
+            return
+        entry.streams.discard(stream)
+        self.stream_count -= 1
+        if not entry.streams:
+            del self._recipients[stream.recipient]
+            if not entry.ready.done():
+                entry.ready.cancel()
+
+    def streams_of(self, recipient: str) -> int:
+        entry = self._recipients.get(recipient)
+        return len(entry.streams) if entry else 0
+
+    def shutdown(self) -> None:
+        """Ask every stream to say goodbye (the writer sends the jittered retry); refuse new ones."""
+        self._closing = True
+        for entry in list(self._recipients.values()):
+            for stream in list(entry.streams):
+                stream.close(CloseReason.SHUTDOWN)
+
+    # --- hints ---------------------------------------------------------------------------------------
+
+    def notify(self, recipients: Iterable[str] | None) -> None:
+        """New rows may exist for these recipients (None: for anyone). Unknown recipients are ignored."""
+        if recipients is None:
+            self._dirty.update(self._recipients)
+        else:
+            self._dirty.update(r for r in recipients if r in self._recipients)
+        if self._dirty:
+            self._work.set()
+
+    def resync(self) -> None:
+        """Re-read every live recipient from its cursor (after a listener reconnect, and as a safety net)."""
+        self.notify(None)
+
+    # --- the fetcher ---------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            try:
+                await self._init_newcomers()
+                await self._fetch_dirty()
+                backoff = 0.05
+            except UNAVAILABLE_ERRORS as exc:
+                log.warning("reading new rows failed, retrying in %.2fs: %r", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+                self._work.set()
+            except Exception:
+                log.exception("unexpected error while reading new rows")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+                self._work.set()
+
+    async def _init_newcomers(self) -> None:
+        newcomers = {name: e for name, e in self._recipients.items() if e.cursor is None}
+        if not newcomers:
+            return
+        seqs = await self._db.last_seqs(list(newcomers))
+        for name, entry in newcomers.items():
+            if self._recipients.get(name) is not entry:
+                continue  # left while we were reading
+            entry.cursor = seqs[name]
+            for stream in entry.streams:
+                if stream.start_seq is None:
+                    stream.start_seq = entry.cursor
+            entry.ready.set_result(entry.cursor)
+
+    async def _fetch_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        targets = [
+            (name, entry)
+            for name in dirty
+            if (entry := self._recipients.get(name)) is not None and entry.cursor is not None
+        ]
+        # A dirty newcomer without a cursor needs nothing: its first cursor read comes after this hint.
+        for start in range(0, len(targets), FETCH_CHUNK):
+            chunk = targets[start : start + FETCH_CHUNK]
+            try:
+                rows = await self._db.new_rows(((n, e.cursor or 0) for n, e in chunk), FETCH_PAGE)
+            except BaseException:
+                self._dirty.update(name for name, _ in targets[start:])
+                raise
+            self._dispatch(dict(chunk), rows)
+        if self._dirty:
+            self._work.set()
+
+    def _dispatch(self, entries: dict[str, _Recipient], rows: list[Row]) -> None:
+        by_recipient: dict[str, list[Frame]] = {}
+        for row in rows:
+            by_recipient.setdefault(row.recipient, []).append(encode_row(row))
+        for name, frames in by_recipient.items():
+            entry = entries[name]
+            if self._recipients.get(name) is not entry:
+                continue  # every stream left (and maybe a new one came with a fresh cursor)
+            assert entry.cursor is not None
+            frames = [f for f in frames if f.seq > entry.cursor]
+            if not frames:
+                continue
+            entry.cursor = frames[-1].seq
+            for stream in entry.streams:
+                stream.push_live(frames)
+            if len(frames) >= FETCH_PAGE:
+                self._dirty.add(name)  # there may be more
+        if self._on_rows is not None:
+            self._on_rows(len(rows))

@@ -1,0 +1,73 @@
+"""Logging: one JSON object per line, and no token or ticket in any of them (DESIGN §3)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+
+import orjson
+
+# Query values and header forms that carry credentials; anything JWT-shaped is caught as well.
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)\b(access_token|ticket|token)=[^&\s\"']+"),
+    re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"()\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*"),
+)
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+
+
+def _redact(match: re.Match[str]) -> str:
+    name = match.group(1)
+    if not name:
+        return "[redacted]"
+    return f"{name} [redacted]" if name.lower() == "bearer" else f"{name}=[redacted]"
+
+
+def scrub(text: str) -> str:
+    """The text with every credential replaced by a marker."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(_redact, text)
+    return text
+
+
+class ScrubSecrets(logging.Filter):
+    """Rewrites each record's message (uvicorn's access line included) before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = scrub(record.getMessage())
+        record.args = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"ts", "level", "logger", "msg", …extra}` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = scrub(self.formatException(record.exc_info))
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str = "info") -> None:
+    """Route every logger (uvicorn's too) through one scrubbing JSON handler on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(ScrubSecrets())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True

@@ -1,0 +1,81 @@
+"""Filling a new stream from the table: the unread rows after its cursor, up to the hub's snapshot.
+
+Mercure's order: the stream is registered first (live rows are held back), the snapshot is the hub's cursor
+at that moment, the table is read in pages up to it, then the held live rows follow, skipping duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
+
+from service.db import UNAVAILABLE_ERRORS, Database
+from service.hub import Hub, Stream, encode_row
+from service.sse import control_frame
+
+log = logging.getLogger("pgpush.replay")
+T = TypeVar("T")
+
+REPLAY_PAGE = 500
+
+
+async def _until_answered(stream: Stream, query: Callable[[], Awaitable[T]], backoff_max: float) -> T | None:
+    """Run a read until Postgres answers it; None when the stream closes first."""
+    backoff = 0.05
+    while stream.close_reason is None:
+        try:
+            return await query()
+        except UNAVAILABLE_ERRORS as exc:
+            log.info("replay read failed, retrying in %.2fs: %r", backoff, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, backoff_max)
+    return None
+
+
+async def fill_stream(
+    hub: Hub,
+    db: Database,
+    stream: Stream,
+    cursor: int | None,
+    *,
+    replay_limit: int,
+    backoff_max: float = 2.0,
+    on_replayed: Callable[[int], None] | None = None,
+) -> None:
+    """Replay what the client has not seen (DESIGN §3's table), then switch the stream to live rows."""
+    snapshot = await hub.start_seq(stream)
+    recipient = stream.recipient
+    after = cursor
+    if cursor is not None and cursor > snapshot:
+        # The client knows rows this database never had: it was reset. Start over like a fresh load.
+        stream.push_control(control_frame("reset", {"reason": "cursor_ahead"}))
+        after = None
+        reset_sent = True
+    else:
+        reset_sent = False
+    if after is None:
+        boundary = await _until_answered(
+            stream, partial(db.unread_boundary, recipient, snapshot, replay_limit), backoff_max
+        )
+        if stream.close_reason is not None:
+            return
+        if boundary is not None and not reset_sent:
+            stream.push_control(control_frame("reset", {"reason": "too_many_unread"}))
+        after = boundary or 0
+    while stream.close_reason is None:
+        rows = await _until_answered(
+            stream, partial(db.unread_page, recipient, after, snapshot, REPLAY_PAGE), backoff_max
+        )
+        if rows is None:
+            return
+        stream.push_replay([encode_row(row) for row in rows])
+        if on_replayed is not None:
+            on_replayed(len(rows))
+        if len(rows) < REPLAY_PAGE:
+            break
+        after = rows[-1].seq
+        await stream.wait_drained()
+    stream.go_live()
