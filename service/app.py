@@ -9,7 +9,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import ORJSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from service import __version__
@@ -77,7 +76,6 @@ def create_app(settings: Settings) -> FastAPI:
         title="pgpush",
         version=__version__,
         summary="Postgres-backed per-user notifications over Server-Sent Events",
-        default_response_class=ORJSONResponse,
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("pgpush.api")
@@ -39,11 +39,11 @@ def error_response(
     detail: str,
     headers: dict[str, str] | None = None,
     fields: list[dict[str, Any]] | None = None,
-) -> ORJSONResponse:
+) -> JSONResponse:
     body: dict[str, Any] = {"error": error, "detail": detail}
     if fields is not None:
         body["fields"] = fields
-    return ORJSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 _STATUS_CODES = {
@@ -71,12 +71,12 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every failure, including the framework's own (404, 405, validation), speaks the same JSON."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> ORJSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.error, exc.detail)
         return error_response(exc.status, exc.error, exc.detail, exc.headers, exc.fields)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         fields = _field_errors(exc)
         if any(err.get("type") == "json_invalid" for err in exc.errors()):
             log.info("%s %s -> 400 malformed JSON", request.method, request.url.path)
@@ -86,7 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_request", detail, fields=fields)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
         log.info("%s %s -> %d", request.method, request.url.path, exc.status_code)
         return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.errors import error_response
@@ -22,12 +22,12 @@ async def healthz() -> dict[str, str]:
     summary="Postgres answers and the listener is connected",
     responses={503: {"description": "Not ready"}},
 )
-async def readyz(request: Request) -> ORJSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     db_ok = await state.db.ping()
     listener_ok = bool(state.listener.connected)
     if db_ok and listener_ok:
-        return ORJSONResponse({"status": "ready"})
+        return JSONResponse({"status": "ready"})
     problems = [name for name, ok in (("postgres", db_ok), ("listener", listener_ok)) if not ok]
     return error_response(503, "not_ready", f"not ready: {', '.join(problems)} unavailable")
 

@@ -40,11 +40,24 @@ MERGE_KEYS = {
 # Lists that the Kubernetes API replaces wholesale in a strategic merge (no patchStrategy).
 REPLACED_LISTS = {"args", "command"}
 # Kinds this renderer knows to be cluster-scoped (the namespace transformer leaves them alone).
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                  "PersistentVolume", "StorageClass", "IngressClass", "PriorityClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PersistentVolume",
+    "StorageClass",
+    "IngressClass",
+    "PriorityClass",
+}
 # Kinds whose references the namespace transformer would also rewrite: not modelled.
-NAMESPACE_REFERENCES = {"RoleBinding", "ClusterRoleBinding", "ValidatingWebhookConfiguration",
-                        "MutatingWebhookConfiguration", "APIService"}
+NAMESPACE_REFERENCES = {
+    "RoleBinding",
+    "ClusterRoleBinding",
+    "ValidatingWebhookConfiguration",
+    "MutatingWebhookConfiguration",
+    "APIService",
+}
 
 Resource = dict[str, Any]
 
@@ -125,7 +138,7 @@ def _check_unique(resources: list[Resource], directory: Path) -> None:
         seen.add(key)
 
 
-# ---- patches ------------------------------------------------------------------------------------------------
+# ---- patches -------------------------------------------------------------------------------------
 
 
 def _apply_patch_entry(resources: list[Resource], entry: dict[str, Any], directory: Path) -> None:
@@ -255,7 +268,7 @@ def _pointer(path: str) -> list[str]:
     return [token.replace("~1", "/").replace("~0", "~") for token in path[1:].split("/")]
 
 
-# ---- namespace, labels, images ------------------------------------------------------------------------------
+# ---- namespace, labels, images -------------------------------------------------------------------
 
 
 def _set_namespace(resources: list[Resource], namespace: str) -> None:

@@ -1,0 +1,188 @@
+"""Test fixtures: one throwaway Postgres per session, a fresh database per test, real uvicorn servers.
+
+TEST_DATABASE_URL, when set, names a server the session may create databases on; otherwise the session
+starts its own Postgres (the embedded mechanism) and removes it afterwards. Every test gets a database
+cloned from a template migrated once, and never touches one it did not create.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import jwt
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from service.app import create_app
+from service.config import Settings
+from service.embedded import EmbeddedPostgres
+from service.migrate import migrate
+
+JWT_SECRET = "test-secret-that-is-long-enough-for-hs256!"
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def make_token(
+    sub: str = "alice", *, ttl: float = 3600, secret: str = JWT_SECRET, algorithm: str = "HS256", **claims: Any
+) -> str:
+    """A token as an identity provider would issue it; extra claims override the defaults."""
+    now = time.time()
+    payload: dict[str, Any] = {"sub": sub, "iat": int(now), "exp": int(now + ttl), **claims}
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def _admin(url: str, *statements: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A libpq URL of a Postgres server this session may create databases on."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    with tempfile.TemporaryDirectory(prefix="pgpush-tests-") as tmp:
+        cluster = EmbeddedPostgres(Path(tmp) / "pgdata", durable=False)
+        url = cluster.start()
+        try:
+            yield url
+        finally:
+            cluster.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_url: str) -> Iterator[str]:
+    """A database migrated once; each test clones it (CREATE DATABASE … TEMPLATE)."""
+    name = f"pgpush_template_{uuid.uuid4().hex[:8]}"
+    _admin(pg_url, f'CREATE DATABASE "{name}"')
+    migrate(with_database(pg_url, name))
+    try:
+        yield name
+    finally:
+        _admin(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def database_url(pg_url: str, template_database: str) -> AsyncIterator[str]:
+    name = f"pgpush_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await conn.close()
+    yield with_database(pg_url, name)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test's database, as a product backend would have."""
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+def test_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "jwt_secret": SecretStr(JWT_SECRET),
+        "listener_probe_seconds": 1,
+        "listener_probe_timeout_seconds": 2,
+        "reconnect_backoff_max_seconds": 0.5,
+        **overrides,
+    }
+    return Settings.model_validate(values)
+
+
+class RunningServer:
+    """A real uvicorn serving create_app(settings) on a free port, in a thread with its own event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app: FastAPI = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def start(self) -> RunningServer:
+        self._thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=15)
+
+    @property
+    def stream_count(self) -> int:
+        return int(self.app.state.hub.stream_count)
+
+    @property
+    def listener_connected(self) -> bool:
+        return bool(self.app.state.listener.connected)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError("condition not met in time")
+            await asyncio.sleep(0.02)
+
+
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+async def start_server(database_url: str) -> AsyncIterator[ServerFactory]:
+    """Start a server on the test's database with some settings overridden; all are stopped at the end."""
+    servers: list[RunningServer] = []
+
+    async def start(**overrides: Any) -> RunningServer:
+        running = await asyncio.to_thread(RunningServer(test_settings(database_url, **overrides)).start)
+        servers.append(running)
+        await running.wait_for(lambda: running.listener_connected)
+        return running
+
+    yield start
+    for running in servers:
+        await asyncio.to_thread(running.stop)
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> RunningServer:
+    return await start_server()
