@@ -111,7 +111,7 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-def test_settings(database_url: str, **overrides: Any) -> Settings:
+def settings_for(database_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": database_url,
         "jwt_secret": SecretStr(JWT_SECRET),
@@ -173,7 +173,7 @@ async def start_server(database_url: str) -> AsyncIterator[ServerFactory]:
     servers: list[RunningServer] = []
 
     async def start(**overrides: Any) -> RunningServer:
-        running = await asyncio.to_thread(RunningServer(test_settings(database_url, **overrides)).start)
+        running = await asyncio.to_thread(RunningServer(settings_for(database_url, **overrides)).start)
         servers.append(running)
         await running.wait_for(lambda: running.listener_connected)
         return running

@@ -1,0 +1,118 @@
+"""The alembic migrations: the schema they produce, and two runs at once that cannot collide."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from tests.conftest import with_database
+
+
+@pytest.fixture
+async def empty_database(pg_url: str) -> AsyncIterator[str]:
+    name = f"pgpush_empty_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(pg_url)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    yield with_database(pg_url, name)
+    conn = await asyncpg.connect(pg_url)
+    await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+def run_migrate(database_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", "migrate"],
+        env={"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": "x" * 32, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_two_concurrent_migrate_runs_both_succeed_and_apply_once(empty_database: str) -> None:
+    first, second = await asyncio.gather(
+        asyncio.to_thread(run_migrate, empty_database), asyncio.to_thread(run_migrate, empty_database)
+    )
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    conn = await asyncpg.connect(empty_database)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM alembic_version") == 1
+        assert await conn.fetchval("SELECT to_regclass('messages') IS NOT NULL")
+    finally:
+        await conn.close()
+
+
+async def test_the_schema_matches_the_public_contract(db: asyncpg.Connection) -> None:
+    columns = {
+        r["column_name"]: (r["data_type"], r["is_nullable"])
+        for r in await db.fetch(
+            "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+            "WHERE table_name = 'messages'"
+        )
+    }
+    assert columns == {
+        "id": ("bigint", "NO"),
+        "recipient": ("text", "NO"),
+        "seq": ("bigint", "NO"),
+        "event": ("text", "NO"),
+        "data": ("jsonb", "NO"),
+        "key": ("text", "YES"),
+        "created_at": ("timestamp with time zone", "NO"),
+        "read_at": ("timestamp with time zone", "YES"),
+    }
+    assert await db.fetchval("SELECT column_default FROM information_schema.columns "
+                             "WHERE table_name = 'messages' AND column_name = 'event'") == "'message'::text"
+
+
+@pytest.mark.parametrize(
+    ("recipient", "event", "key"),
+    [
+        ("", "lead", None),
+        ("a" * 257, "lead", None),
+        ("bad\nname", "lead", None),
+        ("tab\tname", "lead", None),
+        ("alice", "bad event", None),
+        ("alice", "line\r\nbreak", None),
+        ("alice", "x" * 65, None),
+        ("alice", "", None),
+        ("alice", "lead", "k" * 257),
+    ],
+)
+async def test_check_constraints_refuse_what_could_break_the_wire(
+    db: asyncpg.Connection, recipient: str, event: str, key: str | None
+) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute(
+            "INSERT INTO messages (recipient, event, data, key) VALUES ($1, $2, '{}', $3)", recipient, event, key
+        )
+    assert await db.fetchval("SELECT count(*) FROM messages") == 0
+
+
+async def test_seq_is_per_recipient_increasing_and_keys_are_unique_per_recipient(db: asyncpg.Connection) -> None:
+    rows = await db.fetch(
+        "INSERT INTO messages (recipient, data) VALUES ('b', '1'), ('a', '1'), ('b', '2') RETURNING recipient, seq"
+    )
+    assert sorted((r["recipient"], r["seq"]) for r in rows) == [("a", 1), ("b", 1), ("b", 2)]
+    await db.execute("INSERT INTO messages (recipient, data, key) VALUES ('a', '1', 'k'), ('b', '1', 'k')")
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await db.execute("INSERT INTO messages (recipient, data, key) VALUES ('a', '2', 'k')")
+
+
+async def test_one_notification_per_statement_and_star_past_the_payload_limit(db: asyncpg.Connection) -> None:
+    received: list[str] = []
+    await db.add_listener("pgpush", lambda *args: received.append(args[3]))
+    await db.execute("INSERT INTO messages (recipient, data) VALUES ('bob', '1'), ('alice', '2'), ('bob', '3')")
+    await db.execute(
+        "INSERT INTO messages (recipient, data) SELECT repeat('u', 200) || n, '1' FROM generate_series(1, 100) n"
+    )
+    await asyncio.sleep(0.2)
+    assert len(received) == 2
+    assert sorted(received[0].split("\n")) == ["alice", "bob"]
+    assert received[1] == "*"
