@@ -33,7 +33,7 @@ fi
 # Smoke-test each tool so a broken install fails here, not halfway through the test suite.
 "$VENV/bin/hadolint" --version
 "$VENV/bin/checkov" --version
-"$VENV/bin/python" -c "import kubernetes_validate, yaml; print('kubernetes-validate', kubernetes_validate.__version__ if hasattr(kubernetes_validate, '__version__') else '${KUBERNETES_VALIDATE_VERSION}')"
+"$VENV/bin/kubernetes-validate" --version
 
 cat <<MSG
 checkers installed in $VENV; the deploy tests find them with:

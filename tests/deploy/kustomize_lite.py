@@ -10,10 +10,10 @@ does for the subset of kustomization fields the manifests use:
 * ``labels``: added to ``metadata.labels`` only (``includeSelectors`` and ``includeTemplates`` false);
 * ``images``: ``newName`` / ``newTag`` / ``digest`` on every ``containers``/``initContainers`` image.
 
-Transformers run in kustomize's order (patches, namespace, labels, images), each kustomization on the output of
-the ones it includes. Any other field, option, patch directive (``$patch``, ``$setElementOrder``…) or list whose
-strategic-merge behaviour is not modelled raises ``Unsupported``, so the renderer can never silently disagree
-with kustomize. When a real kustomize is available the tests also compare both renderings.
+Transformers run in kustomize's order (patches, namespace, labels, images), each kustomization on the
+output of the ones it includes. Any other field, option, patch directive (``$patch``…) or list whose
+strategic-merge behaviour is not modelled raises ``Unsupported``, so the renderer can never silently
+disagree with kustomize. When a real kustomize is available the tests also compare both renderings.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def _target_matches(resource: Resource, target: dict[str, Any]) -> bool:
 
 
 def strategic_merge(base: dict[str, Any], patch: dict[str, Any], path: str = "") -> None:
-    """Merge ``patch`` into ``base`` in place, with Kubernetes strategic-merge semantics for the modelled lists."""
+    """Merge ``patch`` into ``base`` in place (Kubernetes strategic merge, for the modelled lists)."""
     for key, value in patch.items():
         where = f"{path}/{key}"
         if key.startswith("$"):

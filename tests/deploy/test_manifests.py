@@ -1,14 +1,14 @@
-"""Offline checks of deploy/: kustomize overlays, Kubernetes schemas, hadolint, checkov, and reviewer invariants.
+"""Offline checks of deploy/: kustomize overlays, Kubernetes schemas, hadolint, checkov, invariants.
 
 No cluster, no Docker engine and no kustomize binary are needed:
 
-* each overlay is rendered by ``kustomize_lite`` (beside this file; it refuses any kustomize feature it does not
-  model) and, when a real kustomize is at hand (``PGPUSH_KUSTOMIZE``, ``kustomize`` or ``kubectl`` on PATH),
-  compared with it;
-* every rendered object is validated, strictly (unknown fields are errors), against the Kubernetes JSON schemas
-  that the ``kubernetes-validate`` package ships, for the pinned versions in ``K8S_VERSIONS``;
-* ``hadolint`` and ``checkov`` run as subprocesses from their own virtualenv (deploy/install-checkers.sh), found
-  through PGPUSH_HADOLINT / PGPUSH_CHECKOV / PGPUSH_DEPLOY_PYTHON or PGPUSH_CHECKERS_VENV (default
+* each overlay is rendered by ``kustomize_lite`` (beside this file; it refuses any kustomize feature it does
+  not model) and, when a real kustomize is at hand (``PGPUSH_KUSTOMIZE``, ``kustomize`` or ``kubectl`` on
+  PATH), compared with it;
+* every rendered object is validated, strictly (unknown fields are errors), against the Kubernetes JSON
+  schemas that the ``kubernetes-validate`` package ships, for the pinned versions in ``K8S_VERSIONS``;
+* ``hadolint`` and ``checkov`` run as subprocesses from their own virtualenv (deploy/install-checkers.sh),
+  found through PGPUSH_HADOLINT / PGPUSH_CHECKOV / PGPUSH_DEPLOY_PYTHON or PGPUSH_CHECKERS_VENV (default
   /work/venv-deploy), then PATH. A missing tool skips its test, unless PGPUSH_REQUIRE_CHECKERS=1 (set it in CI
   after installing them), where it fails.
 
@@ -162,6 +162,7 @@ def test_overlay_renders_the_expected_objects(overlay: str) -> None:
             "Deployment",
             "HorizontalPodAutoscaler",
             "PodDisruptionBudget",
+            "Ingress",
             "Ingress",
             "NetworkPolicy",
             "Job",
@@ -421,7 +422,7 @@ def test_service_and_ingress_reach_the_pods(overlay: str) -> None:
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     (port,) = service["spec"]["ports"]
     assert port["targetPort"] == "http"
-    ingress = one(resources, "Ingress")
+    ingress = one(resources, "Ingress", "pgpush")
     assert ingress["spec"]["ingressClassName"] == "nginx"
     for rule in ingress["spec"]["rules"]:
         for path in rule["http"]["paths"]:
@@ -437,13 +438,13 @@ def test_service_and_ingress_reach_the_pods(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ingress_is_configured_for_streaming(overlay: str) -> None:
     resources = render(overlay)
-    annotations = one(resources, "Ingress")["metadata"]["annotations"]
+    annotations = one(resources, "Ingress", "pgpush")["metadata"]["annotations"]
     prefix = "nginx.ingress.kubernetes.io/"
     assert annotations[prefix + "proxy-buffering"] == "off"
     assert annotations[prefix + "proxy-request-buffering"] == "off"
     assert annotations[prefix + "proxy-http-version"] == "1.1"
     config = one(resources, "ConfigMap", "pgpush-config")["data"]
-    # A stream can be silent for a heartbeat interval and lives up to the idle timeout: the proxy must outlast both.
+    # A stream can be silent for a heartbeat interval and lives up to the idle timeout: outlast both.
     longest_quiet = max(
         float(config["PGPUSH_HEARTBEAT_SECONDS"]), float(config["PGPUSH_IDLE_TIMEOUT_SECONDS"])
     )
@@ -452,6 +453,21 @@ def test_ingress_is_configured_for_streaming(overlay: str) -> None:
     assert not any("snippet" in key for key in annotations), (
         "snippets are disabled on most ingress-nginx installs"
     )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_are_not_public(overlay: str) -> None:
+    """/metrics is scraped in-cluster; the edge answers 403 (an exact location, loopback allowlist)."""
+    resources = render(overlay)
+    main, metrics = one(resources, "Ingress", "pgpush"), one(resources, "Ingress", "pgpush-metrics")
+    assert metrics["metadata"]["annotations"] == {
+        "nginx.ingress.kubernetes.io/whitelist-source-range": "127.0.0.1/32"
+    }
+    assert metrics["spec"]["ingressClassName"] == main["spec"]["ingressClassName"]
+    assert metrics["spec"]["tls"] == main["spec"]["tls"]
+    assert [r["host"] for r in metrics["spec"]["rules"]] == [r["host"] for r in main["spec"]["rules"]]
+    for rule in metrics["spec"]["rules"]:
+        assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [("/metrics", "Exact")]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -499,6 +515,7 @@ def test_rollout_selectors_partition_the_release(overlay: str) -> None:
         assert components[needed] is None, needed
     for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress"):
         assert components[(kind, "pgpush")] == "server", kind
+    assert components[("Ingress", "pgpush-metrics")] == "server"
 
 
 FAKE_KUBECTL = """#!/usr/bin/env bash
@@ -510,7 +527,7 @@ esac
 """
 
 
-@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+@pytest.mark.parametrize("outcome", ["succeeded", "failed", "skipped"])
 def test_rollout_script_migrates_before_the_server(outcome: str, tmp_path: Path) -> None:
     if shutil.which("bash") is None:
         pytest.skip("no bash")
@@ -524,6 +541,7 @@ def test_rollout_script_migrates_before_the_server(outcome: str, tmp_path: Path)
         "FAKE_KUBECTL_LOG": str(log),
         "FAKE_SUCCEEDED": "1" if outcome == "succeeded" else "",
         "FAKE_FAILED": "True" if outcome == "failed" else "",
+        "SKIP_MIGRATIONS": "1" if outcome == "skipped" else "0",
     }
     proc = subprocess.run(
         ["bash", str(DEPLOY / "rollout.sh"), str(DEPLOY / "overlays" / "prod")],
@@ -537,6 +555,11 @@ def test_rollout_script_migrates_before_the_server(outcome: str, tmp_path: Path)
     applies = [c for c in calls if " apply " in f" {c} "]
     assert all(c.startswith("--namespace pgpush ") for c in calls)
     assert "app.kubernetes.io/component notin (server,migrate)" in applies[0]
+    if outcome == "skipped":
+        assert proc.returncode == 0, proc.stderr
+        assert not any("migrate" in c for c in calls[1:])
+        assert [a.rsplit(" ", 1)[-1] for a in applies[1:]] == ["app.kubernetes.io/component=server"]
+        return
     assert "app.kubernetes.io/component=migrate" in applies[1]
     delete = next(i for i, c in enumerate(calls) if "delete job pgpush-migrate" in c)
     assert delete < calls.index(applies[1])
@@ -637,6 +660,34 @@ def test_dockerfile_shape() -> None:
     env = " ".join(args for ins, args in final if ins == "ENV")
     assert "PYTHONDONTWRITEBYTECODE=1" in env and "PYTHONUNBUFFERED=1" in env
     assert not any(ins == "ADD" for ins, _ in instructions)
+
+
+def test_build_stage_copies_every_package_source() -> None:
+    """`pip wheel .` in the image sees only what is COPYed: every package directory pyproject names."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools_config = project.get("tool", {}).get("setuptools", {})
+    package_dir = setuptools_config.get("package-dir", {})
+    packages = setuptools_config.get("packages", [])
+    if isinstance(packages, dict):  # packages.find: include patterns such as "service*"
+        names = [p.rstrip("*.") for p in packages.get("find", {}).get("include", [])]
+    else:
+        names = list(packages)
+    needed = {"pyproject.toml"}
+    for name in names:
+        top = name.split(".")[0]
+        needed.add(package_dir.get(top, top).split("/")[0])
+    readme = project["project"].get("readme")
+    if isinstance(readme, str):
+        needed.add(readme)
+    instructions = dockerfile_instructions()
+    final_start = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
+    copied = set()
+    for ins, args in instructions[:final_start]:
+        if ins == "COPY" and "--from=" not in args:
+            copied.update(source.rstrip("/").split("/")[0] for source in args.split()[:-1])
+    assert needed <= copied, f"the build stage does not COPY {sorted(needed - copied)}"
 
 
 def _dockerignore_patterns() -> list[str]:
