@@ -12,8 +12,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from service import __version__
-from service.api import events, health, page
+from service.api import events, health, inbox, messages, page, tickets
 from service.api.errors import install_error_handlers
+from service.api.limits import BodySizeLimit
 from service.auth import TokenVerifier
 from service.config import Settings
 from service.db import Database
@@ -83,7 +84,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.verifier = TokenVerifier(settings)
     install_error_handlers(app)
     app.include_router(events.router)
+    app.include_router(tickets.router)
+    app.include_router(messages.router)
+    app.include_router(inbox.router)
     app.include_router(health.router)
+    # Added before CORS so its 413s carry CORS headers; the counter wraps the limit to count its 413s too.
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(messages.CountPublishRequests, counter=app.state.metrics.publish_requests)
     if settings.serve_page:
         app.include_router(page.router)
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

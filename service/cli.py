@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import secrets
 import shlex
@@ -142,7 +143,7 @@ def cmd_serve(_args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        if embedded is not None:
+        if embedded is not None and embedded.started_here:
             embedded.stop()
     return 0 if server.started else 1
 
@@ -175,6 +176,24 @@ def cmd_openapi(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from service.publish import PublishOptions, run
+
+    # Through the API no local settings are needed (nor may they be complete on the publishing machine).
+    settings = None if args.url else load_settings()
+    configure_logging(settings.log_level if settings else "info")
+    options = PublishOptions(
+        recipients=args.to,
+        event=args.event,
+        data=args.data,
+        key=args.key,
+        follow=args.follow,
+        url=args.url,
+        token=args.token or os.environ.get("PGPUSH_TOKEN"),
+    )
+    return run(options, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgpush", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=parse_ttl, default=3600, help="lifetime: seconds, or 15m, 1h, 7d")
     token.set_defaults(func=cmd_token)
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_openapi)
+    publish = sub.add_parser(
+        "publish", help="publish a message (into the table, or through the API with --url and --token)"
+    )
+    publish.add_argument("data", nargs="?", help="the message's data: a JSON value, e.g. '{\"n\": 1}'")
+    publish.add_argument("--to", action="append", required=True, help="a recipient (repeat for several)")
+    publish.add_argument("--event", default="message", help="the SSE event type (default: message)")
+    publish.add_argument("--key", help="an idempotency key: publishing it again creates nothing")
+    publish.add_argument(
+        "--follow", type=Path, metavar="FILE", help="send each line appended to FILE, like tail -F"
+    )
+    publish.add_argument("--url", help="publish through this pgpush server's API instead of DATABASE_URL")
+    publish.add_argument("--token", help="a publisher token for --url (default: $PGPUSH_TOKEN)")
+    publish.set_defaults(func=cmd_publish)
     return parser
 
 

@@ -31,6 +31,19 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_leeway_seconds: float = Field(default=30, ge=0)
+    # A fetched JWKS is trusted this long, then refreshed in the background (the old keys serve meanwhile).
+    jwt_jwks_cache_seconds: float = Field(default=300, gt=0)
+    # At most one JWKS fetch per this interval, so tokens with made-up `kid`s cannot flood the provider.
+    jwt_jwks_refetch_seconds: float = Field(default=30, ge=0)
+    # Publishers may come from another issuer; each unset field falls back to the subscriber setting,
+    # and setting any publisher key source replaces the subscriber key sources for publishers.
+    publisher_jwt_secret: SecretStr | None = None
+    publisher_jwt_public_key: str | None = None
+    publisher_jwt_jwks_url: str | None = None
+    publisher_jwt_audience: str | None = None
+    publisher_jwt_issuer: str | None = None
+    # Signs stream tickets (a key derived from it, never the secret itself); defaults to PGPUSH_JWT_SECRET.
+    ticket_secret: SecretStr | None = None
     ticket_ttl_seconds: int = Field(default=60, ge=1)
 
     heartbeat_seconds: float = Field(default=15, gt=0)
@@ -93,8 +106,13 @@ class Settings(BaseSettings):
                 "DATABASE_URL is set but no JWT key is: set PGPUSH_JWT_SECRET, PGPUSH_JWT_PUBLIC_KEY "
                 "or PGPUSH_JWT_JWKS_URL (only the embedded development mode makes its own secret)"
             )
-        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 32:
-            raise ValueError("PGPUSH_JWT_SECRET must be at least 32 characters (RFC 7518 §3.2)")
+        for name, secret in (
+            ("PGPUSH_JWT_SECRET", self.jwt_secret),
+            ("PGPUSH_PUBLISHER_JWT_SECRET", self.publisher_jwt_secret),
+            ("PGPUSH_TICKET_SECRET", self.ticket_secret),
+        ):
+            if secret is not None and len(secret.get_secret_value()) < 32:
+                raise ValueError(f"{name} must be at least 32 characters (RFC 7518 §3.2)")
         return self
 
     @property

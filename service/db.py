@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,6 +25,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.ConnectionFailureError,
+    # Raised instead of a connection error when the server goes away mid-query (MagicStack/asyncpg#784).
+    asyncpg.exceptions.InternalClientError,
 )
 
 LAST_SEQS = """
@@ -136,3 +140,217 @@ class Database:
         """Unread rows with after < seq <= upto, oldest first."""
         records = await self.pool.fetch(UNREAD_PAGE, recipient, after, upto, limit)
         return [Row(recipient, r[0], r[1], r[2], r[3]) for r in records]
+
+    # ---- Publishing and the inbox (POST /messages, GET /me/messages, POST /me/messages/read, CLI) ----
+
+    async def publish(self, recipients: Sequence[str], event: str, data: str, key: str | None) -> Published:
+        """One message (`data` is JSON text) to every recipient, in one transaction, idempotent by `key`.
+
+        A recipient that already has a row with this key gets no new row; its existing row is returned, or
+        IdempotencyConflict is raised (and nothing is written) when that row's event or data differ.
+        """
+        for attempt in range(_PUBLISH_ATTEMPTS):
+            try:
+                async with _translated_errors(), self.pool.acquire() as conn, conn.transaction():
+                    created = await conn.fetch(PUBLISH_INSERT, list(recipients), event, data, key)
+                    rows = {r["recipient"]: PublishedRow(r["id"], r["recipient"], r["seq"]) for r in created}
+                    missing = [recipient for recipient in recipients if recipient not in rows]
+                    if missing and key is not None:
+                        # A new statement, so a new snapshot: it sees rows a concurrent publish committed
+                        # while ON CONFLICT waited for it, which the INSERT's own snapshot could not.
+                        existing = await conn.fetch(PUBLISH_EXISTING, missing, key, event, data)
+                        differing = sorted(r["recipient"] for r in existing if not r["same"])
+                        if differing:
+                            raise IdempotencyConflict(key, differing)
+                        for r in existing:
+                            rows[r["recipient"]] = PublishedRow(r["id"], r["recipient"], r["seq"])
+                    if any(recipient not in rows for recipient in recipients):
+                        # The row we conflicted with was deleted before we could read it: start over.
+                        raise _Retry()
+                    return Published([rows[recipient] for recipient in recipients], len(created))
+            except _Retry:
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise DatabaseUnavailable("the message could not be written after several attempts; try again")
+
+    async def publish_lines(
+        self, recipients: Sequence[str], event: str, datas: Sequence[str], keys: Sequence[str | None]
+    ) -> int:
+        """Several messages (JSON texts, in order) to every recipient in one statement; returns rows written.
+
+        A row whose (recipient, key) already exists is skipped, so a batch retried after an unknown outcome
+        (the connection dropped around COMMIT) is never written twice.
+        """
+        async with _translated_errors():
+            status = await self.pool.execute(PUBLISH_LINES, list(recipients), event, list(datas), list(keys))
+        return _row_count(status)
+
+    async def inbox_page(
+        self, recipient: str, *, unread: bool, ascending: bool, after: int, upto: int, limit: int
+    ) -> list[InboxRow]:
+        """One page of a recipient's rows with after < seq <= upto, in seq order (newest first unless
+        `ascending`); only unread rows when `unread`."""
+        query = {
+            (False, True): INBOX_PAGE_ASC,
+            (False, False): INBOX_PAGE_DESC,
+            (True, True): INBOX_UNREAD_PAGE_ASC,
+            (True, False): INBOX_UNREAD_PAGE_DESC,
+        }[(unread, ascending)]
+        async with _translated_errors():
+            records = await self.pool.fetch(query, recipient, after, upto, limit)
+        return [InboxRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in records]
+
+    async def mark_read(self, recipient: str, seqs: Sequence[int]) -> int:
+        """Mark these of the recipient's rows read; returns how many were unread. Unknown seqs are ignored."""
+        return await self._mark(MARK_READ_SEQS, recipient, list(seqs))
+
+    async def mark_read_through(self, recipient: str, seq: int) -> int:
+        """Mark every row of the recipient up to `seq` read; returns how many were unread."""
+        return await self._mark(MARK_READ_THROUGH, recipient, seq)
+
+    async def _mark(self, query: str, recipient: str, arg: object) -> int:
+        for attempt in range(_PUBLISH_ATTEMPTS):
+            try:
+                async with _translated_errors():
+                    return _row_count(await self.pool.execute(query, recipient, arg))
+            except _Retry:
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise DatabaseUnavailable("the rows could not be updated after several attempts; try again")
+
+
+# ---- Publishing and the inbox: statements, results and errors ----
+
+# Rows are inserted in recipient order so that the trigger locks the recipients' counters in that order:
+# two multi-recipient statements can then never deadlock (DESIGN §1). The BEFORE trigger runs before the
+# conflict check, so a skipped row still uses up a seq: seqs are increasing, not dense (DESIGN §1).
+PUBLISH_INSERT = """
+INSERT INTO messages (recipient, event, data, key)
+SELECT r.recipient, $2, $3::jsonb, $4 FROM unnest($1::text[]) AS r(recipient)
+ORDER BY r.recipient
+ON CONFLICT (recipient, key) DO NOTHING
+RETURNING id, recipient, seq
+"""
+
+PUBLISH_EXISTING = """
+SELECT id, recipient, seq, (event = $3 AND data = $4::jsonb) AS same
+FROM messages WHERE recipient = ANY($1::text[]) AND key = $2
+"""
+
+# Recipient order first (the counters' lock order), then line order (each recipient's seqs follow it).
+PUBLISH_LINES = """
+INSERT INTO messages (recipient, event, data, key)
+SELECT r.recipient, $2, l.data::jsonb, l.key
+FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS l(data, key, n)
+CROSS JOIN unnest($1::text[]) AS r(recipient)
+ORDER BY r.recipient, l.n
+ON CONFLICT (recipient, key) DO NOTHING
+"""
+
+# Four fixed statements rather than one with "($n OR read_at IS NULL)": a prepared statement's generic plan
+# could not use the partial unread index for the latter, whatever the parameter.
+_INBOX_ROWS = """
+SELECT id, seq, event, data::text AS data, created_at, read_at FROM messages
+WHERE recipient = $1 AND seq > $2 AND seq <= $3
+"""
+INBOX_PAGE_ASC = _INBOX_ROWS + "ORDER BY seq LIMIT $4"
+INBOX_PAGE_DESC = _INBOX_ROWS + "ORDER BY seq DESC LIMIT $4"
+INBOX_UNREAD_PAGE_ASC = _INBOX_ROWS + "AND read_at IS NULL ORDER BY seq LIMIT $4"
+INBOX_UNREAD_PAGE_DESC = _INBOX_ROWS + "AND read_at IS NULL ORDER BY seq DESC LIMIT $4"
+
+MARK_READ_SEQS = """
+UPDATE messages SET read_at = now()
+WHERE recipient = $1 AND seq = ANY($2::bigint[]) AND read_at IS NULL
+"""
+
+MARK_READ_THROUGH = """
+UPDATE messages SET read_at = now()
+WHERE recipient = $1 AND seq <= $2 AND read_at IS NULL
+"""
+
+_PUBLISH_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedRow:
+    """Where one published message landed."""
+
+    id: int
+    recipient: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The rows of one publish, in the order the recipients were given; `created` of them are new."""
+
+    rows: list[PublishedRow]
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    """One message as the inbox lists it; `data` is the jsonb text."""
+
+    id: int
+    seq: int
+    event: str
+    data: str
+    created_at: datetime
+    read_at: datetime | None
+
+
+class DatabaseUnavailable(Exception):
+    """Postgres did not answer, or kept refusing to let the statement through; the caller may retry."""
+
+
+class InvalidMessage(Exception):
+    """Postgres refused a value (a CHECK constraint, or text jsonb cannot hold such as \\u0000)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(detail)
+        self.field = field
+        self.detail = detail
+
+
+class IdempotencyConflict(Exception):
+    """The key is already used for these recipients by a message with another event or data."""
+
+    def __init__(self, key: str, recipients: list[str]) -> None:
+        super().__init__(f"key {key!r} is already used with another event or data")
+        self.key = key
+        self.recipients = recipients
+
+
+class _Retry(Exception):
+    """The statement lost a deadlock or serialization race; running it again will do."""
+
+
+_CONSTRAINT_FIELDS = {
+    "messages_recipient_valid": "recipients",
+    "messages_event_valid": "event",
+    "messages_key_valid": "key",
+}
+
+
+@asynccontextmanager
+async def _translated_errors() -> AsyncIterator[None]:
+    """asyncpg's errors as ours, so the API never needs to know asyncpg."""
+    try:
+        yield
+    except (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError) as exc:
+        raise _Retry() from exc
+    except asyncpg.exceptions.CheckViolationError as exc:
+        field = _CONSTRAINT_FIELDS.get(exc.constraint_name or "", "body")
+        raise InvalidMessage(field, f"Postgres refused the {field}: {exc.message}") from exc
+    except (
+        asyncpg.exceptions.UntranslatableCharacterError,
+        asyncpg.exceptions.CharacterNotInRepertoireError,
+    ) as exc:
+        # In practice \u0000 in data: jsonb cannot hold it (other fields are checked before they get here).
+        raise InvalidMessage("data", f"Postgres cannot store it ({exc.message}); \\u0000 is refused") from exc
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable("the database is not answering; try again") from exc
+
+
+def _row_count(status: str) -> int:
+    """The row count of a command status such as 'UPDATE 3' or 'INSERT 0 3'."""
+    return int(status.rsplit(" ", 1)[-1])

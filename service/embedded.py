@@ -122,6 +122,7 @@ class EmbeddedPostgres:
         self._requested_port = port
         self._port = port
         self._lock_path = self.data_dir.with_name(self.data_dir.name + ".lock")
+        self.started_here = False
 
     @property
     def port(self) -> int:
@@ -141,6 +142,8 @@ class EmbeddedPostgres:
             bindir = self._bindir()
             self._grant_access(bindir)
             running = self._running_port(bindir)
+            # A server another process started (say `pgpush serve`) is joined, and left running on exit.
+            self.started_here = running is None
             if running is None:
                 if not (self.data_dir / "PG_VERSION").exists():
                     self._initdb(bindir)
@@ -172,7 +175,8 @@ class EmbeddedPostgres:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        if self.started_here:
+            self.stop()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

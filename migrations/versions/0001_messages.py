@@ -41,14 +41,22 @@ CREATE TABLE messages (
 CREATE INDEX messages_unread_idx ON messages (recipient, seq) WHERE read_at IS NULL
 """,
     r"""
--- The counter row's lock is held until the inserting transaction ends, so one recipient's rows commit
--- in seq order: a reader that has seen seq n committed can never later find a smaller one (DESIGN §2).
+-- seq values come from one sequence, taken only after the recipient's counter row is locked; the lock is
+-- held until the inserting transaction ends, so one recipient's rows commit in seq order: a reader that has
+-- seen seq n committed can never later find a smaller one (DESIGN §2). seq is increasing, not dense.
+CREATE SEQUENCE messages_seq_seq AS bigint OWNED BY messages.seq
+""",
+    r"""
+-- Locking (ON CONFLICT … DO UPDATE … WHERE false locks the row and writes nothing) instead of
+-- incrementing per row: updating one row N times in a transaction walks an ever longer chain of row
+-- versions, which made a 20,000-row insert for one recipient 14 times slower. The counter is written once
+-- per statement, by the AFTER STATEMENT trigger below.
 CREATE FUNCTION pgpush_assign_seq() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO message_counters AS c (recipient, last_seq) VALUES (NEW.recipient, 1)
-    ON CONFLICT (recipient) DO UPDATE SET last_seq = c.last_seq + 1
-    RETURNING c.last_seq INTO NEW.seq;
+    INSERT INTO message_counters AS c (recipient, last_seq) VALUES (NEW.recipient, 0)
+    ON CONFLICT (recipient) DO UPDATE SET last_seq = c.last_seq WHERE false;
+    NEW.seq := nextval('messages_seq_seq');
     RETURN NEW;
 END
 $$
@@ -59,15 +67,22 @@ BEFORE INSERT ON messages
 FOR EACH ROW EXECUTE FUNCTION pgpush_assign_seq()
 """,
     r"""
--- One hint per statement naming the recipients with new rows (newline-separated: recipients hold no
+-- Once per statement: advance each recipient's counter to its newest seq (the row is already locked by
+-- this transaction), then send one hint naming those recipients (newline-separated: recipients hold no
 -- control characters). Past NOTIFY's 8000-byte payload limit the hint becomes '*': "everyone, re-read".
-CREATE FUNCTION pgpush_notify_new_rows() RETURNS trigger
+CREATE FUNCTION pgpush_advance_and_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     payload text;
 BEGIN
-    SELECT string_agg(recipient, E'\n') INTO payload
-    FROM (SELECT DISTINCT recipient FROM new_rows) AS r;
+    WITH latest AS (
+        SELECT recipient, max(seq) AS seq FROM new_rows GROUP BY recipient
+    ), advanced AS (
+        UPDATE message_counters AS c SET last_seq = latest.seq
+        FROM latest WHERE c.recipient = latest.recipient
+        RETURNING c.recipient
+    )
+    SELECT string_agg(recipient, E'\n') INTO payload FROM advanced;
     IF payload IS NULL THEN
         RETURN NULL;
     END IF;
@@ -80,17 +95,17 @@ END
 $$
 """,
     r"""
-CREATE TRIGGER messages_notify_new_rows
+CREATE TRIGGER messages_advance_and_notify
 AFTER INSERT ON messages
 REFERENCING NEW TABLE AS new_rows
-FOR EACH STATEMENT EXECUTE FUNCTION pgpush_notify_new_rows()
+FOR EACH STATEMENT EXECUTE FUNCTION pgpush_advance_and_notify()
 """,
 ]
 
 DOWNGRADE = [
     "DROP TABLE messages",
     "DROP TABLE message_counters",
-    "DROP FUNCTION pgpush_notify_new_rows()",
+    "DROP FUNCTION pgpush_advance_and_notify()",
     "DROP FUNCTION pgpush_assign_seq()",
 ]
 

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("pgpush.api")
@@ -90,3 +91,23 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(exc.status_code, "error")
         log.info("%s %s -> %d", request.method, request.url.path, exc.status_code)
         return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+
+class FieldError(BaseModel):
+    """One field that broke its rule: its dotted location (e.g. `recipients.2`) and what is wrong."""
+
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The JSON body of every error response (DESIGN §4)."""
+
+    error: str = Field(description="A stable machine-readable code, e.g. `invalid_request`")
+    detail: str = Field(description="A human sentence")
+    fields: list[FieldError] | None = Field(default=None, description="Only on validation errors (422)")
+
+
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: each error status with its description and the error model."""
+    return {status: {"model": ErrorBody, "description": text} for status, text in descriptions.items()}

@@ -6,13 +6,13 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from service.api.deps import StreamUser
-from service.api.errors import ApiError
+from service.api.errors import ApiError, error_responses
 from service.auth import Principal
 from service.config import Settings
 from service.hub import CloseReason, Hub, Stream, StreamLimitError
@@ -34,7 +34,7 @@ EVENT_STREAM_HEADERS = {
 class EventStream(Response):
     """A streaming response driven by the hub: one writer coroutine, one disconnect watcher."""
 
-    media_type = "text/event-stream; charset=utf-8"
+    media_type = "text/event-stream"  # Starlette appends "; charset=utf-8" to text/* types
 
     def __init__(self, request: Request, user: Principal, stream: Stream, cursor: int | None) -> None:
         # Not Response.__init__: that would add "content-length: 0" to a body that never ends.
@@ -172,10 +172,14 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "An endless text/event-stream of the user's messages",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     },
-    400: {"description": "Last-Event-ID is not an integer in 0 … 2^63-1"},
-    401: {"description": "No credentials, or a token that does not verify"},
-    429: {"description": "Too many streams for this user in this process"},
-    503: {"description": "Too many streams in this process"},
+    **error_responses(
+        {
+            400: "Last-Event-ID is not an integer in 0 … 2^63-1",
+            401: "No credentials, or a token that does not verify",
+            429: "Too many streams for this user in this process (see Retry-After)",
+            503: "Too many streams in this process, or it is shutting down (see Retry-After)",
+        }
+    ),
 }
 
 
@@ -184,11 +188,22 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     operation_id="stream_events",
     summary="Open the user's event stream",
     response_class=EventStream,
+    status_code=200,
     responses=STREAM_RESPONSES,
 )
-async def stream_events(request: Request, user: StreamUser) -> Response:
+async def stream_events(
+    request: Request,
+    user: StreamUser,
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="Resume after this seq (wins over lastEventId)")
+    ] = None,
+    last_event_id_query: Annotated[
+        str | None, Query(alias="lastEventId", description="Resume after this seq, for a new EventSource")
+    ] = None,
+) -> Response:
+    """The user's messages as Server-Sent Events: unread rows after the cursor, then live rows."""
     try:
-        cursor = parse_cursor(request.headers.get("last-event-id"), request.query_params.get("lastEventId"))
+        cursor = parse_cursor(last_event_id, last_event_id_query)
     except CursorError as exc:
         raise ApiError(400, "invalid_last_event_id", str(exc)) from None
     hub: Hub = request.app.state.hub
