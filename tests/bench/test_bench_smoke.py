@@ -1,0 +1,33 @@
+"""The benchmark harness still runs end to end: a tiny targeted and burst run against pgpush only."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from bench.__main__ import run
+from bench.harness import SMOKE
+from bench.report import table
+
+
+async def test_targeted_smoke_run_delivers_every_row_to_pgpush_streams(database_url: str) -> None:
+    results = await asyncio.wait_for(
+        run("targeted", ["pgpush"], SMOKE, database_url=database_url, pin=False), timeout=60
+    )
+
+    (result,) = results
+    assert result.values["lost"] == 0
+    assert result.values["rows_per_s"] > 0
+    assert 0 < result.values["p50_ms"] <= result.values["p99_ms"] < 5000
+    assert result.values["server_rss_mb"] > 10
+    assert "| targeted | 100 rows/s | p99_ms |" in table(results, ["pgpush"])
+
+
+async def test_burst_smoke_run_receives_the_whole_statement(database_url: str) -> None:
+    (result,) = await asyncio.wait_for(
+        run("burst", ["pgpush"], SMOKE, database_url=database_url, pin=False), timeout=60
+    )
+
+    assert result.values["lost"] == 0
+    assert not math.isnan(result.values["last_after_commit_s"])
+    assert result.values["delivered_per_s"] > 0
