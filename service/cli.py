@@ -93,8 +93,7 @@ def _print_welcome(settings: Settings) -> None:
     token = mint_token(secret, DEMO_USER, ttl_seconds=DEMO_TOKEN_TTL)
     base = f"http://{settings.host}:{settings.port}"
     insert = (
-        "INSERT INTO messages (recipient, event, data) "
-        "VALUES ('demo', 'lead', '{\"company\": \"ACME\"}')"
+        "INSERT INTO messages (recipient, event, data) VALUES ('demo', 'lead', '{\"company\": \"ACME\"}')"
     )
     psql = f"psql {shlex.quote(settings.database_url or '')} -c {shlex.quote(insert)}"
     print(

@@ -12,14 +12,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from service.db import UNAVAILABLE_ERRORS, Database, Row
+from service.db import UNAVAILABLE_ERRORS, Database, NewRow, Row
 from service.sse import compact_json, message_frame
 
 log = logging.getLogger("pgpush.hub")
 
-# Recipients per fetch query and rows per recipient per query: keeps each round trip and its memory small.
-FETCH_CHUNK = 2000
-FETCH_PAGE = 500
+# Recipients per fetch query, and rows per query shared among them: small queries let the first events
+# leave while later ones are still being read (a 100,000-row burst used to wait for one giant query).
+FETCH_CHUNK = 500
+FETCH_ROW_BUDGET = 5000
+MIN_PER_RECIPIENT = 10
 
 
 class CloseReason(StrEnum):
@@ -52,9 +54,7 @@ class Frame:
 
 
 def encode_row(row: Row) -> Frame:
-    return Frame(
-        row.seq, message_frame(row.seq, row.event, compact_json(row.data)), row.created_at.timestamp()
-    )
+    return Frame(row.seq, message_frame(row.seq, row.event, compact_json(row.data)), row.created_at)
 
 
 class Stream:
@@ -69,8 +69,8 @@ class Stream:
         "_limit",
         "_wake",
         "close_reason",
-        "created_ats",
         "delivered",
+        "oldest_created",
         "queued_seq",
         "recipient",
         "send_guard",
@@ -83,7 +83,7 @@ class Stream:
         self.start_seq: int | None = None  # the hub's cursor when the stream joined: replay stops there
         self.close_reason: CloseReason | None = None
         self.delivered = 0
-        self.created_ats: list[float] = []
+        self.oldest_created: float | None = None  # created_at of the oldest row not yet taken
         self.send_guard: asyncio.Timeout | None = None
         self._frames: list[bytes] = []
         self._bytes = 0
@@ -128,7 +128,8 @@ class Stream:
             if frame.seq > self.queued_seq:
                 self._frames.append(frame.data)
                 self._bytes += len(frame.data)
-                self.created_ats.append(frame.created_at)
+                if self.oldest_created is None:
+                    self.oldest_created = frame.created_at
                 self.queued_seq = frame.seq
                 self.delivered += 1
         if self._frames:
@@ -142,9 +143,10 @@ class Stream:
         self._drained.set()
         return frames
 
-    def take_latencies(self) -> list[float]:
-        created, self.created_ats = self.created_ats, []
-        return created
+    def take_oldest_created(self) -> float | None:
+        """For the latency metric: one observation per write, of its oldest (slowest) row."""
+        oldest, self.oldest_created = self.oldest_created, None
+        return oldest
 
     @property
     def has_pending(self) -> bool:
@@ -313,39 +315,49 @@ class Hub:
 
     async def _fetch_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
+        # A dirty newcomer without a cursor needs nothing: its first cursor read comes after this hint.
         targets = [
             (name, entry)
             for name in dirty
             if (entry := self._recipients.get(name)) is not None and entry.cursor is not None
         ]
-        # A dirty newcomer without a cursor needs nothing: its first cursor read comes after this hint.
         for start in range(0, len(targets), FETCH_CHUNK):
             chunk = targets[start : start + FETCH_CHUNK]
+            per_recipient = max(MIN_PER_RECIPIENT, FETCH_ROW_BUDGET // len(chunk))
             try:
-                rows = await self._db.new_rows(((n, e.cursor or 0) for n, e in chunk), FETCH_PAGE)
+                rows = await self._db.new_rows(((n, e.cursor or 0) for n, e in chunk), per_recipient)
             except BaseException:
                 self._dirty.update(name for name, _ in targets[start:])
                 raise
-            self._dispatch(dict(chunk), rows)
+            self._dispatch(dict(chunk), rows, per_recipient)
         if self._dirty:
             self._work.set()
 
-    def _dispatch(self, entries: dict[str, _Recipient], rows: list[Row]) -> None:
+    def _dispatch(self, entries: dict[str, _Recipient], rows: list[NewRow], per_recipient: int) -> None:
+        """Encode each row once and hand the same bytes to every stream of its recipient."""
         by_recipient: dict[str, list[Frame]] = {}
-        for row in rows:
-            by_recipient.setdefault(row.recipient, []).append(encode_row(row))
+        compacted: dict[str, bytes] = {}  # a fan-out writes the same data for everyone: compact it once
+        for recipient, seq, event, data, created_at in rows:
+            body = compacted.get(data)
+            if body is None:
+                body = compacted[data] = compact_json(data)
+            frames = by_recipient.get(recipient)
+            if frames is None:
+                frames = by_recipient[recipient] = []
+            frames.append(Frame(seq, message_frame(seq, event, body), created_at))
         for name, frames in by_recipient.items():
             entry = entries[name]
             if self._recipients.get(name) is not entry:
                 continue  # every stream left (and maybe a new one came with a fresh cursor)
             assert entry.cursor is not None
+            fetched = len(frames)
             frames = [f for f in frames if f.seq > entry.cursor]
             if not frames:
                 continue
             entry.cursor = frames[-1].seq
             for stream in entry.streams:
                 stream.push_live(frames)
-            if len(frames) >= FETCH_PAGE:
+            if fetched >= per_recipient:
                 self._dirty.add(name)  # there may be more
         if self._on_rows is not None:
             self._on_rows(len(rows))

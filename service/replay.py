@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
-from service.db import UNAVAILABLE_ERRORS, Database
+from service.db import UNAVAILABLE_ERRORS, Database, Row
 from service.hub import Hub, Stream, encode_row
 from service.sse import control_frame
 
@@ -33,6 +33,12 @@ async def _until_answered(stream: Stream, query: Callable[[], Awaitable[T]], bac
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, backoff_max)
     return None
+
+
+def _push(stream: Stream, rows: list[Row], on_replayed: Callable[[int], None] | None) -> None:
+    stream.push_replay([encode_row(row) for row in rows])
+    if on_replayed is not None:
+        on_replayed(len(rows))
 
 
 async def fill_stream(
@@ -57,6 +63,19 @@ async def fill_stream(
     else:
         reset_sent = False
     if after is None:
+        # Usually a fresh connect has few unread rows: one query for the newest ones settles it.
+        window = min(replay_limit, REPLAY_PAGE)
+        newest = await _until_answered(
+            stream, partial(db.newest_unread, recipient, snapshot, window + 1), backoff_max
+        )
+        if newest is None:
+            return
+        if len(newest) <= window or replay_limit <= REPLAY_PAGE:
+            if len(newest) > replay_limit and not reset_sent:
+                stream.push_control(control_frame("reset", {"reason": "too_many_unread"}))
+            _push(stream, newest[-replay_limit:], on_replayed)
+            stream.go_live()
+            return
         boundary = await _until_answered(
             stream, partial(db.unread_boundary, recipient, snapshot, replay_limit), backoff_max
         )
@@ -71,9 +90,7 @@ async def fill_stream(
         )
         if rows is None:
             return
-        stream.push_replay([encode_row(row) for row in rows])
-        if on_replayed is not None:
-            on_replayed(len(rows))
+        _push(stream, rows, on_replayed)
         if len(rows) < REPLAY_PAGE:
             break
         after = rows[-1].seq

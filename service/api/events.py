@@ -105,16 +105,15 @@ class EventStream(Response):
             if stream.has_pending:
                 frames = stream.take()
                 rows, queued_rows = stream.delivered - queued_rows, stream.delivered
-                created = stream.take_latencies()
+                oldest = stream.take_oldest_created()
                 await self._write(send, b"".join(frames))
                 last_write = loop.time()
                 if rows:
                     last_row = last_write
                     self._rows_written += rows
                     self._metrics.events_delivered.inc(rows)
-                    now = time.time()
-                    for ts in created:
-                        self._metrics.delivery_latency.observe(now - ts)
+                    if oldest is not None:
+                        self._metrics.delivery_latency.observe(time.time() - oldest)
                 continue
             reason = stream.close_reason
             if reason is CloseReason.SHUTDOWN:
