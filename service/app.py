@@ -91,6 +91,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Added before CORS so its 413s carry CORS headers; the counter wraps the limit to count its 413s too.
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(messages.CountPublishRequests, counter=app.state.metrics.publish_requests)
+    # Outside the two above (a stream has no body to limit) and inside CORS (streams get its headers).
+    app.add_middleware(events.EventsFastPath)
     if settings.serve_page:
         app.include_router(page.router)
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -62,12 +62,12 @@ class Stream:
 
     __slots__ = (
         "_bytes",
-        "_drained",
+        "_drain_waiter",
         "_frames",
         "_held",
         "_held_bytes",
         "_limit",
-        "_wake",
+        "_waiter",
         "close_reason",
         "delivered",
         "oldest_created",
@@ -91,8 +91,10 @@ class Stream:
         self._held: list[Frame] | None = []
         self._held_bytes = 0
         self._limit = buffer_bytes
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
+        # Bare futures made on demand, not asyncio.Events: an Event carries a deque of about 600 bytes,
+        # and tens of thousands of idle streams each held two.
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
 
     def push_live(self, frames: list[Frame]) -> None:
         """Called by the hub's fetcher; never blocks, closes the stream when its buffer is full."""
@@ -116,7 +118,7 @@ class Stream:
         """A frame without a seq (reset)."""
         self._frames.append(frame)
         self._bytes += len(frame)
-        self._wake.set()
+        self._wake()
 
     def go_live(self) -> None:
         """Replay done: release the live frames that arrived meanwhile, skipping any it already sent."""
@@ -133,14 +135,13 @@ class Stream:
                 self.queued_seq = frame.seq
                 self.delivered += 1
         if self._frames:
-            self._wake.set()
+            self._wake()
 
     def take(self) -> list[bytes]:
         """Everything pending for the client, to be written in one send."""
         frames, self._frames = self._frames, []
         self._bytes = 0
-        self._wake.clear()
-        self._drained.set()
+        _resolve(self._drain_waiter)
         return frames
 
     def take_oldest_created(self) -> float | None:
@@ -154,23 +155,40 @@ class Stream:
 
     async def wait(self) -> None:
         """Until there is something to write or the stream is closed."""
-        await self._wake.wait()
+        if self._frames or self.close_reason is not None:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     async def wait_drained(self) -> None:
         """Until the writer has taken what was pending (replay pacing)."""
         while self._frames and self.close_reason is None:
-            self._drained.clear()
-            await self._drained.wait()
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def _wake(self) -> None:
+        _resolve(self._waiter)
 
     def close(self, reason: CloseReason) -> None:
         """Ask the writer to finish; the first reason wins. A writer stuck in send is interrupted."""
         if self.close_reason is not None:
             return
         self.close_reason = reason
-        self._wake.set()
-        self._drained.set()
+        self._wake()
+        _resolve(self._drain_waiter)
         if reason in (CloseReason.OVERFLOW, CloseReason.CLIENT_GONE) and self.send_guard is not None:
             self.send_guard.reschedule(asyncio.get_running_loop().time())
+
+
+def _resolve(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass(slots=True, eq=False)
@@ -196,6 +214,7 @@ class Hub:
         self._db = db
         self._recipients: dict[str, _Recipient] = {}
         self._dirty: set[str] = set()
+        self._newcomers: set[str] = set()  # recipients whose cursor is still to be read
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._max_streams = max_streams
@@ -227,6 +246,7 @@ class Hub:
             raise StreamLimitError(per_user=False)
         if entry is None:
             entry = self._recipients[recipient] = _Recipient()
+            self._newcomers.add(recipient)
             self._work.set()  # its cursor is read by the fetcher, batched with other newcomers
         stream = Stream(recipient, self._buffer_bytes)
         stream.start_seq = entry.cursor
@@ -300,10 +320,15 @@ class Hub:
                 self._work.set()
 
     async def _init_newcomers(self) -> None:
-        newcomers = {name: e for name, e in self._recipients.items() if e.cursor is None}
-        if not newcomers:
+        if not self._newcomers:
             return
-        seqs = await self._db.last_seqs(list(newcomers))
+        names, self._newcomers = self._newcomers, set()
+        newcomers = {name: e for name in names if (e := self._recipients.get(name)) is not None}
+        try:
+            seqs = await self._db.last_seqs(list(newcomers))
+        except BaseException:
+            self._newcomers.update(newcomers)
+            raise
         for name, entry in newcomers.items():
             if self._recipients.get(name) is not entry:
                 continue  # left while we were reading

@@ -68,13 +68,18 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
+    """Log a refused request (never its credentials) and render its JSON error."""
+    log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.error, exc.detail)
+    return error_response(exc.status, exc.error, exc.detail, exc.headers, exc.fields)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every failure, including the framework's own (404, 405, validation), speaks the same JSON."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.error, exc.detail)
-        return error_response(exc.status, exc.error, exc.detail, exc.headers, exc.fields)
+        return api_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
