@@ -22,6 +22,7 @@ from service.hub import Hub
 from service.listener import Listener
 from service.metrics import Metrics
 from service.migrate import migrate
+from service.retention import Retention
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -62,12 +63,22 @@ def create_app(settings: Settings) -> FastAPI:
             backoff_max=settings.reconnect_backoff_max_seconds,
         )
         metrics.listener_connected.set_function(lambda: float(listener.connected))
+        retention = Retention(
+            db,
+            days=settings.retention_days,
+            max_unread_per_user=settings.retention_max_unread_per_user,
+            interval=settings.retention_interval_seconds,
+            batch_rows=settings.retention_batch_rows,
+        )
         app.state.db, app.state.hub, app.state.listener = db, hub, listener
+        app.state.retention = retention
         hub.start()
         listener.start()
+        retention.start()
         try:
             yield
         finally:
+            await retention.stop()
             hub.shutdown()
             await listener.stop()
             await hub.stop()

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_streams_per_user: int = Field(default=10, ge=1)
     max_streams: int = Field(default=50000, ge=1)
     shutdown_jitter_ms: int = Field(default=5000, ge=0)
+    # A stream ends (with a short random retry) after 80 to 100 % of this, so load rebalances over replicas.
+    max_stream_seconds: float = Field(default=3600, gt=0)
+    retention_days: float = Field(default=30, gt=0)
+    retention_max_unread_per_user: int = Field(default=10000, ge=1)
+    retention_interval_seconds: float = Field(default=600, gt=0)
+    retention_batch_rows: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=MiB, ge=1)
     max_data_bytes: int = Field(default=64 * KiB, ge=1)
     # Bytes a stream may have queued and unsent before it is cut (the client resumes from the table).

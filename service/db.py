@@ -247,6 +247,90 @@ class Database:
                 await asyncio.sleep(0.01 * (attempt + 1))
         raise DatabaseUnavailable("the rows could not be updated after several attempts; try again")
 
+    # ---- retention ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def exclusive(self, key: int) -> AsyncIterator[bool]:
+        """A session advisory lock on one pooled connection: True when this process holds it."""
+        async with self.pool.acquire() as conn:
+            held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            try:
+                yield held
+            finally:
+                if held:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
+
+    async def delete_old_read(self, after_id: int, created_before: datetime, batch: int) -> RetentionStep:
+        """Delete the read rows older than the cutoff among the next `batch` ids after `after_id`."""
+        record = await self.pool.fetchrow(DELETE_OLD_READ, after_id, created_before, batch)
+        assert record is not None
+        return RetentionStep(record[0], record[1], record[2])
+
+    async def last_counter_recipient(self, after_recipient: str, recipients: int) -> str | None:
+        """The last recipient name of the next page of counters (None at the end)."""
+        value = await self.pool.fetchval(LAST_COUNTER_RECIPIENT, after_recipient, recipients)
+        return str(value) if value is not None else None
+
+    async def unread_over_cap(self, after_recipient: str, recipients: int, cap: int) -> list[tuple[str, int]]:
+        """Recipients after `after_recipient` with unread rows past the cap, and the last seq to drop."""
+        records = await self.pool.fetch(UNREAD_OVER_CAP, after_recipient, recipients, cap)
+        return [(r[0], r[1]) for r in records]
+
+    async def delete_unread_through(self, recipient: str, seq: int, batch: int) -> int:
+        """Delete up to `batch` of the recipient's oldest unread rows with seq <= `seq`."""
+        return _row_count(await self.pool.execute(DELETE_UNREAD_THROUGH, recipient, seq, batch))
+
+
+# ---- Retention: statements and results ----
+
+# Walks the primary key in short ranges: every batch is an index range scan and a short statement, so no
+# index is added to the write path and no lock is held for long. Returns (last id seen, oldest created_at
+# seen, rows deleted); the walk stops once a range holds nothing older than the cutoff.
+DELETE_OLD_READ = """
+WITH span AS (
+    SELECT id, created_at, read_at FROM messages WHERE id > $1 ORDER BY id LIMIT $3
+), gone AS (
+    DELETE FROM messages AS m USING span
+    WHERE m.id = span.id AND span.read_at IS NOT NULL AND span.created_at < $2
+    RETURNING m.id
+)
+SELECT (SELECT max(id) FROM span), (SELECT min(created_at) FROM span), (SELECT count(*) FROM gone)
+"""
+
+# For each recipient (in name order, a page at a time), the seq of its newest unread row beyond the cap.
+UNREAD_OVER_CAP = """
+SELECT c.recipient, b.seq FROM (
+    SELECT recipient FROM message_counters WHERE recipient > $1 ORDER BY recipient LIMIT $2
+) AS c
+CROSS JOIN LATERAL (
+    SELECT seq FROM messages AS m
+    WHERE m.recipient = c.recipient AND m.read_at IS NULL
+    ORDER BY seq DESC OFFSET $3 LIMIT 1
+) AS b
+ORDER BY c.recipient
+"""
+
+LAST_COUNTER_RECIPIENT = """
+SELECT max(recipient) FROM (
+    SELECT recipient FROM message_counters WHERE recipient > $1 ORDER BY recipient LIMIT $2
+) AS page
+"""
+
+DELETE_UNREAD_THROUGH = """
+DELETE FROM messages WHERE id IN (
+    SELECT id FROM messages WHERE recipient = $1 AND read_at IS NULL AND seq <= $2 ORDER BY seq LIMIT $3
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionStep:
+    """One batch of the read-row sweep: where it ended, the oldest row it saw, and how many it deleted."""
+
+    last_id: int | None
+    oldest: datetime | None
+    deleted: int
+
 
 # ---- Publishing and the inbox: statements, results and errors ----
 

@@ -33,6 +33,7 @@ class CloseReason(StrEnum):
     SHUTDOWN = "shutdown"
     PAUSE = "pause"
     TOKEN_EXPIRED = "token_expired"
+    MAX_LIFETIME = "max_lifetime"
     ERROR = "error"
 
 

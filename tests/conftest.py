@@ -39,7 +39,12 @@ def with_database(url: str, name: str) -> str:
 
 
 def make_token(
-    sub: str = "alice", *, ttl: float = 3600, secret: str = JWT_SECRET, algorithm: str = "HS256", **claims: Any
+    sub: str = "alice",
+    *,
+    ttl: float = 3600,
+    secret: str = JWT_SECRET,
+    algorithm: str = "HS256",
+    **claims: Any,
 ) -> str:
     """A token as an identity provider would issue it; extra claims override the defaults."""
     now = time.time()

@@ -107,7 +107,9 @@ async def open_stream(
     client = await stack.enter_async_context(
         httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(10, read=None), cookies=cookies)
     )
-    response = await stack.enter_async_context(client.stream("GET", "/events", headers=headers, params=params))
+    response = await stack.enter_async_context(
+        client.stream("GET", "/events", headers=headers, params=params)
+    )
     if response.status_code != expect_status:
         await response.aread()
         await stack.aclose()

@@ -71,10 +71,9 @@ class EventStreamParser:
         elif name == "id":
             if "\0" not in value:
                 self.last_event_id = value
-        elif name == "retry":
-            if value.isascii() and value.isdigit():
-                self.retry = int(value)
-                self.retries.append(self.retry)
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry = int(value)
+            self.retries.append(self.retry)
         return None
 
     def _dispatch(self) -> Event | None:

@@ -101,6 +101,9 @@ class EventStream(Response):
         stream, settings, loop = self._stream, self._settings, asyncio.get_running_loop()
         last_write = last_row = loop.time()
         expires = loop.time() + (self._user.exp - time.time())
+        # Streams end after a jittered lifetime so that, after a scale-up, clients spread over the new
+        # replicas within one lifetime instead of staying where they first landed.
+        retires = loop.time() + settings.max_stream_seconds * random.uniform(0.8, 1.0)
         queued_rows = 0
         while True:
             if stream.has_pending:
@@ -125,6 +128,9 @@ class EventStream(Response):
             if now >= expires:
                 await self._write(send, control_frame("token_expired", {"exp": int(self._user.exp)}))
                 return CloseReason.TOKEN_EXPIRED
+            if now >= retires:
+                await self._write(send, retry_frame(random.randint(0, settings.retry_ms)))
+                return CloseReason.MAX_LIFETIME
             if now >= last_row + settings.idle_timeout_seconds:
                 reconnect_at = int(time.time() * 1000) + settings.pause_retry_ms
                 frame = control_frame("pause", {"reconnect_at": reconnect_at}, settings.pause_retry_ms)
@@ -135,7 +141,10 @@ class EventStream(Response):
                 last_write = now
                 continue
             deadline = min(
-                expires, last_row + settings.idle_timeout_seconds, last_write + settings.heartbeat_seconds
+                expires,
+                retires,
+                last_row + settings.idle_timeout_seconds,
+                last_write + settings.heartbeat_seconds,
             )
             try:
                 async with asyncio.timeout_at(deadline):

@@ -157,7 +157,9 @@ async def test_marking_seqs_read_touches_only_the_callers_unread_rows(
     alice = await insert_rows(db, "alice", 4)
     bob = await insert_rows(db, "bob", 4)
     # bob's seq is named too: only the caller's own rows may change
-    response = await client.post("/me/messages/read", json={"seqs": [alice[0], alice[2], bob[1], 999_999_999]})
+    response = await client.post(
+        "/me/messages/read", json={"seqs": [alice[0], alice[2], bob[1], 999_999_999]}
+    )
     assert response.status_code == 200 and response.json() == {"updated": 2}
     again = await client.post("/me/messages/read", json={"seqs": [alice[0]]})
     assert again.json() == {"updated": 0}  # already read: nothing changed

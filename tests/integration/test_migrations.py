@@ -67,8 +67,13 @@ async def test_the_schema_matches_the_public_contract(db: asyncpg.Connection) ->
         "created_at": ("timestamp with time zone", "NO"),
         "read_at": ("timestamp with time zone", "YES"),
     }
-    assert await db.fetchval("SELECT column_default FROM information_schema.columns "
-                             "WHERE table_name = 'messages' AND column_name = 'event'") == "'message'::text"
+    assert (
+        await db.fetchval(
+            "SELECT column_default FROM information_schema.columns "
+            "WHERE table_name = 'messages' AND column_name = 'event'"
+        )
+        == "'message'::text"
+    )
 
 
 @pytest.mark.parametrize(
@@ -90,14 +95,18 @@ async def test_check_constraints_refuse_what_could_break_the_wire(
 ) -> None:
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute(
-            "INSERT INTO messages (recipient, event, data, key) VALUES ($1, $2, '{}', $3)", recipient, event, key
+            "INSERT INTO messages (recipient, event, data, key) VALUES ($1, $2, '{}', $3)",
+            recipient,
+            event,
+            key,
         )
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
 
 
 async def test_seq_increases_per_recipient_and_the_counter_keeps_the_last(db: asyncpg.Connection) -> None:
     rows = await db.fetch(
-        "INSERT INTO messages (recipient, data) VALUES ('b', '1'), ('a', '1'), ('b', '2') RETURNING recipient, seq"
+        "INSERT INTO messages (recipient, data) VALUES ('b', '1'), ('a', '1'), ('b', '2') "
+        "RETURNING recipient, seq"
     )
     b_seqs = [r["seq"] for r in rows if r["recipient"] == "b"]
     assert b_seqs == sorted(b_seqs) and len(set(b_seqs)) == 2  # increasing, not necessarily dense
@@ -115,9 +124,12 @@ async def test_keys_are_unique_per_recipient(db: asyncpg.Connection) -> None:
 async def test_one_notification_per_statement_and_star_past_the_payload_limit(db: asyncpg.Connection) -> None:
     received: list[str] = []
     await db.add_listener("pgpush", lambda *args: received.append(args[3]))
-    await db.execute("INSERT INTO messages (recipient, data) VALUES ('bob', '1'), ('alice', '2'), ('bob', '3')")
     await db.execute(
-        "INSERT INTO messages (recipient, data) SELECT repeat('u', 200) || n, '1' FROM generate_series(1, 100) n"
+        "INSERT INTO messages (recipient, data) VALUES ('bob', '1'), ('alice', '2'), ('bob', '3')"
+    )
+    await db.execute(
+        "INSERT INTO messages (recipient, data) "
+        "SELECT repeat('u', 200) || n, '1' FROM generate_series(1, 100) n"
     )
     await asyncio.sleep(0.2)
     assert len(received) == 2

@@ -55,7 +55,9 @@ def test_the_spec_describes_every_endpoint_the_contract_names() -> None:
 
 
 @pytest.mark.timeout(240)
-async def test_schemathesis_finds_no_server_error_and_no_response_breaking_the_spec(server: RunningServer) -> None:
+async def test_schemathesis_finds_no_server_error_and_no_response_breaking_the_spec(
+    server: RunningServer,
+) -> None:
     token = make_token("schemathesis", scope="messages:publish")
     command = [
         str(Path(sys.executable).with_name("schemathesis")),

@@ -1,4 +1,4 @@
-"""Postgres stopped and restarted under live streams: they stay open, catch up, and /readyz tells the truth."""
+"""Postgres stopped and restarted under live streams: they stay open, catch up, /readyz tells the truth."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ async def readyz(client: httpx.AsyncClient) -> int:
     return (await client.get("/readyz")).status_code
 
 
-async def test_streams_survive_a_postgres_restart_and_catch_up(own_cluster: tuple[EmbeddedPostgres, str]) -> None:
+async def test_streams_survive_a_postgres_restart_and_catch_up(
+    own_cluster: tuple[EmbeddedPostgres, str],
+) -> None:
     cluster, database_url = own_cluster
     server = await asyncio.to_thread(RunningServer(settings_for(database_url, heartbeat_seconds=0.5)).start)
     try:

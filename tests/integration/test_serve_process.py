@@ -31,7 +31,9 @@ class ServeProcess:
     def __init__(self, env: dict[str, str], port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.stderr: list[str] = []
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PGPUSH_") and k != "DATABASE_URL"}
+        full_env = {
+            k: v for k, v in os.environ.items() if not k.startswith("PGPUSH_") and k != "DATABASE_URL"
+        }
         full_env |= {"PGPUSH_PORT": str(port), **env}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve"],
@@ -89,7 +91,9 @@ async def test_sigterm_sends_every_stream_a_jittered_retry_closes_it_and_exits_0
     serve: ServeProcess, db: asyncpg.Connection
 ) -> None:
     streams = [await open_stream(serve.url, make_token(f"user{i}")) for i in range(20)]
-    await db.execute("INSERT INTO messages (recipient, data) SELECT 'user' || n, '1' FROM generate_series(0, 19) n")
+    await db.execute(
+        "INSERT INTO messages (recipient, data) SELECT 'user' || n, '1' FROM generate_series(0, 19) n"
+    )
     for s in streams:
         await s.messages(1)
     code = await asyncio.to_thread(serve.stop)
@@ -139,7 +143,8 @@ async def test_zero_configuration_serve_starts_postgres_prints_a_token_and_deliv
             conn = await asyncpg.connect(database.group(1))
             try:
                 await conn.execute(
-                    "INSERT INTO messages (recipient, event, data) VALUES ('demo', 'lead', '{\"company\": \"ACME\"}')"
+                    "INSERT INTO messages (recipient, event, data) "
+                    "VALUES ('demo', 'lead', '{\"company\": \"ACME\"}')"
                 )
             finally:
                 await conn.close()

@@ -10,6 +10,7 @@ import asyncpg
 from tests.conftest import RunningServer, make_token
 from tests.sse_client import open_stream
 
+
 def compact(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -39,13 +40,21 @@ async def test_an_sql_insert_is_delivered_with_its_seq_as_event_id(
     assert event.data == compact(json.loads(event.data))  # jsonb may reorder keys; no spaces added
 
 
-async def test_data_is_compact_json_with_utf8_unescaped(server: RunningServer, db: asyncpg.Connection) -> None:
+async def test_data_is_compact_json_with_utf8_unescaped(
+    server: RunningServer, db: asyncpg.Connection
+) -> None:
     values = ['"héllo ✓"', "[1, 2.5, null, true]", '{"nested": {"a": [1, {"b": "x y"}]}}', "42", "null"]
     async with await open_stream(server.url, make_token("alice")) as stream:
         for value in values:
             await db.execute(INSERT, "alice", "message", value)
         events = await stream.messages(len(values))
-    assert [e.data for e in events] == ['"héllo ✓"', "[1,2.5,null,true]", '{"nested":{"a":[1,{"b":"x y"}]}}', "42", "null"]
+    assert [e.data for e in events] == [
+        '"héllo ✓"',
+        "[1,2.5,null,true]",
+        '{"nested":{"a":[1,{"b":"x y"}]}}',
+        "42",
+        "null",
+    ]
     assert [json.loads(e.data) for e in events] == [json.loads(v) for v in values]
 
 
@@ -61,7 +70,8 @@ async def test_multi_row_insert_select_and_copy_are_all_delivered(
             "SELECT 'alice', 'batch', to_jsonb(n) FROM generate_series(3, 5) AS n ORDER BY 1"
         )
         await db.copy_records_to_table(
-            "messages", records=[("alice", "copied", "6"), ("alice", "copied", "7")],
+            "messages",
+            records=[("alice", "copied", "6"), ("alice", "copied", "7")],
             columns=["recipient", "event", "data"],
         )
         events = await stream.messages(7)
@@ -139,7 +149,9 @@ async def test_concurrent_writers_arrive_once_in_order_while_the_listener_is_kil
     seqs = [e.seq for e in events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     payloads = [json.loads(e.data) for e in events]
-    assert sorted((p["w"], p["n"]) for p in payloads) == [(w, n) for w in range(writers) for n in range(per_writer)]
+    assert sorted((p["w"], p["n"]) for p in payloads) == [
+        (w, n) for w in range(writers) for n in range(per_writer)
+    ]
     for w in range(writers):  # each writer's rows keep that writer's commit order
         assert [p["n"] for p in payloads if p["w"] == w] == list(range(per_writer))
     assert server.app.state.metrics.listener_reconnects._value.get() >= 2

@@ -75,9 +75,11 @@ async def test_more_streams_than_the_per_user_cap_get_429(start_server: ServerFa
 
 async def test_more_streams_than_the_process_cap_get_503(start_server: ServerFactory) -> None:
     server = await start_server(max_streams=1)
-    async with await open_stream(server.url, make_token("alice")):
-        async with httpx.AsyncClient(base_url=server.url) as client:
-            refused = await client.get("/events", headers={"Authorization": f"Bearer {make_token('bob')}"})
+    async with (
+        await open_stream(server.url, make_token("alice")),
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        refused = await client.get("/events", headers={"Authorization": f"Bearer {make_token('bob')}"})
     assert refused.status_code == 503
     assert "retry-after" in refused.headers
     assert refused.json()["error"] == "server_full"
@@ -94,7 +96,7 @@ async def test_a_client_that_stops_reading_is_cut_and_resumes_from_the_table(
     start_server: ServerFactory, db: asyncpg.Connection
 ) -> None:
     server = await start_server(stream_buffer_bytes=4096)
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    _reader, writer = await asyncio.open_connection("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
     token = make_token("alice")
     writer.write(f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
     await writer.drain()
@@ -102,7 +104,8 @@ async def test_a_client_that_stops_reading_is_cut_and_resumes_from_the_table(
     payload = json.dumps({"pad": "x" * 2000})
     for _ in range(20):  # never read by the client: the socket buffers fill, then the stream's buffer
         await db.execute(
-            "INSERT INTO messages (recipient, data) SELECT 'alice', $1::jsonb FROM generate_series(1, 500)", payload
+            "INSERT INTO messages (recipient, data) SELECT 'alice', $1::jsonb FROM generate_series(1, 500)",
+            payload,
         )
     await server.wait_for(lambda: server.stream_count == 0, timeout=20)
     writer.close()

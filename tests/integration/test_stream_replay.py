@@ -44,7 +44,9 @@ async def test_last_event_id_query_parameter_works_and_the_header_wins(
         assert [e.seq for e in await both.messages(3)] == seqs[1:]
 
 
-async def test_replay_then_live_rows_without_gap_or_duplicate(server: RunningServer, db: asyncpg.Connection) -> None:
+async def test_replay_then_live_rows_without_gap_or_duplicate(
+    server: RunningServer, db: asyncpg.Connection
+) -> None:
     seqs = await insert_rows(db, "alice", 1200)  # more than one replay page
     async with await open_stream(server.url, make_token("alice"), last_event_id=0) as stream:
         await db.execute("INSERT INTO messages (recipient, data) VALUES ('alice', '\"live\"')")
@@ -54,7 +56,9 @@ async def test_replay_then_live_rows_without_gap_or_duplicate(server: RunningSer
     assert events[-1].data == '"live"' and events[-1].seq > seqs[-1]
 
 
-async def test_a_fresh_connect_replays_unread_rows_oldest_first(server: RunningServer, db: asyncpg.Connection) -> None:
+async def test_a_fresh_connect_replays_unread_rows_oldest_first(
+    server: RunningServer, db: asyncpg.Connection
+) -> None:
     seqs = await insert_rows(db, "alice", 5)
     await db.execute("UPDATE messages SET read_at = now() WHERE recipient = 'alice' AND seq <= $1", seqs[1])
     async with await open_stream(server.url, make_token("alice")) as stream:
@@ -111,16 +115,24 @@ async def test_live_rows_are_sent_even_when_already_marked_read(
         assert [e.data for e in await stream.messages(1)] == ["1"]
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "9223372036854775808", "99999999999999999999", "١٢", " 1x"])
+@pytest.mark.parametrize(
+    "value", ["-1", "abc", "1.5", "9223372036854775808", "99999999999999999999", "١٢", " 1x"]
+)
 async def test_an_invalid_cursor_is_a_400_with_a_json_body(server: RunningServer, value: str) -> None:
     import httpx
 
     async with httpx.AsyncClient(base_url=server.url) as client:
         by_header = await client.get(
-            "/events", headers={"Authorization": f"Bearer {make_token('alice')}", "Last-Event-ID": value.strip().encode()}
+            "/events",
+            headers={
+                "Authorization": f"Bearer {make_token('alice')}",
+                "Last-Event-ID": value.strip().encode(),
+            },
         )
         by_query = await client.get(
-            "/events", params={"lastEventId": value}, headers={"Authorization": f"Bearer {make_token('alice')}"}
+            "/events",
+            params={"lastEventId": value},
+            headers={"Authorization": f"Bearer {make_token('alice')}"},
         )
     for response in (by_header, by_query):
         assert response.status_code == 400
