@@ -19,8 +19,8 @@ log = logging.getLogger("pgpush.hub")
 
 # Recipients per fetch query, and rows per query shared among them: small queries let the first events
 # leave while later ones are still being read (a 100,000-row burst used to wait for one giant query).
-FETCH_CHUNK = 500
-FETCH_ROW_BUDGET = 5000
+FETCH_CHUNK = 1000
+FETCH_ROW_BUDGET = 20000
 MIN_PER_RECIPIENT = 10
 
 
