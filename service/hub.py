@@ -38,11 +38,12 @@ class CloseReason(StrEnum):
 
 
 class StreamLimitError(Exception):
-    """Opening one more stream would break a cap; `per_user` tells which."""
+    """Opening one more stream would break a cap (`per_user` tells which), or the process is draining."""
 
-    def __init__(self, per_user: bool) -> None:
+    def __init__(self, per_user: bool, *, draining: bool = False) -> None:
         super().__init__("per-user stream limit" if per_user else "process stream limit")
         self.per_user = per_user
+        self.draining = draining
 
 
 @dataclass(slots=True)
@@ -239,7 +240,7 @@ class Hub:
     def open(self, recipient: str) -> Stream:
         """Register a stream at once, so no row committed from now on can pass it by."""
         if self._closing:
-            raise StreamLimitError(per_user=False)
+            raise StreamLimitError(per_user=False, draining=True)
         entry = self._recipients.get(recipient)
         if entry is not None and len(entry.streams) >= self._max_per_user:
             raise StreamLimitError(per_user=True)

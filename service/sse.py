@@ -29,7 +29,8 @@ def parse_cursor(header: str | None, query: str | None) -> int | None:
     value = header if header else query
     if not value:
         return None
-    if not _DIGITS.fullmatch(value) or len(value) > 19 or int(value) > MAX_CURSOR:
+    # Leading zeros are only padding (the value decides); the length check keeps int() off huge input.
+    if not _DIGITS.fullmatch(value) or len(value.lstrip("0")) > 19 or int(value) > MAX_CURSOR:
         raise CursorError("Last-Event-ID must be an integer from 0 to 9223372036854775807")
     return int(value)
 

@@ -230,6 +230,14 @@ def open_event_stream(
         stream = hub.open(user.sub)
     except StreamLimitError as exc:
         retry_after = str(max(1, settings.retry_ms // 1000))
+        if exc.draining:
+            metrics.streams_rejected.labels("shutting_down").inc()
+            raise ApiError(
+                503,
+                "shutting_down",
+                "this server is shutting down; reconnect to another replica",
+                headers={"Retry-After": retry_after},
+            ) from None
         metrics.streams_rejected.labels("per_user" if exc.per_user else "process").inc()
         if exc.per_user:
             raise ApiError(

@@ -1,0 +1,114 @@
+"""`pgpush serve` as a child process for the fault tests: its memory, its metrics, its signals, its stderr.
+
+Like tests/integration/test_serve_process.py's ServeProcess, with what the fault tests need on top: the
+resident set size from /proc, the Prometheus counters from /metrics, and a SIGTERM without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import JWT_SECRET
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """One `python -m service serve`; settings are PGPUSH_* names without the prefix, lowercase."""
+
+    def __init__(self, database_url: str, port: int | None = None, **settings: object) -> None:
+        self.port = port or free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.lines: list[str] = []
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PGPUSH_") and k != "DATABASE_URL"}
+        env |= {"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": JWT_SECRET, "PGPUSH_PORT": str(self.port)}
+        env |= {f"PGPUSH_{name.upper()}": str(value) for name, value in settings.items()}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # Drained all along, so a chatty server never blocks on a full pipe.
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        """Everything the process wrote to stderr so far (its JSON log lines)."""
+        return "".join(self.lines)
+
+    async def ready(self, within: float = 60) -> None:
+        """Until /readyz answers 200; fails at once if the process exits."""
+        async with asyncio.timeout(within), httpx.AsyncClient(base_url=self.url) as client:
+            while True:
+                if self.process.poll() is not None:
+                    self._drain.join(5)
+                    raise AssertionError(f"pgpush serve exited with {self.process.returncode}: {self.output}")
+                try:
+                    if (await client.get("/readyz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    def rss_bytes(self) -> int:
+        """The process's resident set size now (VmRSS)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS line")
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 when the series does not exist yet)."""
+        async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
+            text = (await client.get("/metrics")).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
+
+    def terminate(self) -> None:
+        """SIGTERM, as Kubernetes sends it; does not wait."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    async def wait(self, within: float = 30) -> int:
+        code = await asyncio.to_thread(self.process.wait, within)
+        await asyncio.to_thread(self._drain.join, 5)
+        if self.process.stderr is not None and not self._drain.is_alive():
+            self.process.stderr.close()
+        return code
+
+    async def stop(self) -> int:
+        """SIGTERM and wait; SIGKILL if it does not exit in time (the test then fails on the code)."""
+        self.terminate()
+        try:
+            return await self.wait()
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            await self.wait()
+            return -9
