@@ -165,7 +165,7 @@ async def publish_message(
             "publisher": publisher.sub,
             "event": body.event,
             "recipients": len(body.recipients),
-            "created": published.created,
+            "created_rows": published.created,
         },
     )
     return PublishResponse(
