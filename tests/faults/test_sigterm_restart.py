@@ -15,8 +15,8 @@ from service.cli import GRACEFUL_SHUTDOWN_SECONDS
 from tests.conftest import make_token
 from tests.faults.client import ResumingClient, wait_until
 from tests.faults.ledger import Ledger
-from tests.faults.serve import HOST, ServerProcess
 from tests.faults.writers import committed, write_until
+from tests.serve_process import HOST, ServerProcess
 
 USERS = 25
 CLIENTS_PER_USER = 2

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import make_token
 from tests.faults.client import LightStream, poll, wait_until
 from tests.faults.ledger import Ledger
-from tests.faults.serve import HOST, ServerProcess
+from tests.serve_process import HOST, ServerProcess
 
 ROWS = 50_000
 BATCH = 1_000

@@ -16,8 +16,8 @@ import pytest
 
 from tests.conftest import make_token
 from tests.faults.client import poll
-from tests.faults.serve import HOST, ServerProcess
 from tests.hostile.conftest import watching
+from tests.serve_process import HOST, ServerProcess
 
 ATTEMPTS = 10_000
 AT_ONCE = 200

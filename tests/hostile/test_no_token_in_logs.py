@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import JWT_SECRET, make_token
 from tests.faults.client import LightStream, wait_until
-from tests.faults.serve import HOST, ServerProcess
+from tests.serve_process import HOST, ServerProcess
 
 OTHER_SECRET = "not-the-servers-secret-but-long-enough-for-hs256"
 

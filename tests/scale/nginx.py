@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.faults.serve import HOST
+from tests.serve_process import HOST
 
 DAEMON_OFF = "daemon off;"  # the master stays our child, so the test can signal and reap it
 INGRESS = Path(__file__).resolve().parents[2] / "deploy" / "base" / "ingress.yaml"

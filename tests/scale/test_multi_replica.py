@@ -20,9 +20,9 @@ import pytest
 from tests.conftest import make_token
 from tests.faults.client import ResumingClient, poll, wait_until
 from tests.faults.ledger import Ledger
-from tests.faults.serve import HOST, ServerProcess, free_port
 from tests.faults.writers import committed, write_until
 from tests.scale.nginx import Nginx, find_nginx
+from tests.serve_process import HOST, ServerProcess, free_port
 
 REPLICAS = 3
 USERS = 150

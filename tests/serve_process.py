@@ -1,8 +1,4 @@
-"""`pgpush serve` as a child process for the fault tests: its memory, its metrics, its signals, its stderr.
-
-Like tests/integration/test_serve_process.py's ServeProcess, with what the fault tests need on top: the
-resident set size from /proc, the Prometheus counters from /metrics, and a SIGTERM without waiting.
-"""
+"""`pgpush serve` as a child process for the tests: its stderr, memory, metrics and signals."""
 
 from __future__ import annotations
 
@@ -30,14 +26,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """One `python -m service serve`; settings are PGPUSH_* names without the prefix, lowercase."""
+    """One `python -m service serve`; settings are PGPUSH_* names without the prefix, lowercase.
 
-    def __init__(self, database_url: str, port: int | None = None, **settings: object) -> None:
+    With no database URL the process runs in development mode: its own embedded Postgres and JWT secret.
+    """
+
+    def __init__(self, database_url: str | None, port: int | None = None, **settings: object) -> None:
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.lines: list[str] = []
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGPUSH_") and k != "DATABASE_URL"}
-        env |= {"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": JWT_SECRET, "PGPUSH_PORT": str(self.port)}
+        env["PGPUSH_PORT"] = str(self.port)
+        if database_url is not None:
+            env |= {"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": JWT_SECRET}
         env |= {f"PGPUSH_{name.upper()}": str(value) for name, value in settings.items()}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve"],
