@@ -17,6 +17,8 @@ from urllib.parse import urlencode
 
 import h11
 
+from tests.faults.ledger import Ledger
+
 READ_SIZE = 256 * 1024
 
 
@@ -299,3 +301,14 @@ async def _first(*waits: Coroutine[object, object, object]) -> None:
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def open_ledger_streams(
+    port: int, users: list[str], per_user: int, ledger: Ledger, token: Callable[[str], str]
+) -> list[LightStream]:
+    """`per_user` streams for each user, each recording what it receives in the ledger."""
+    return [
+        await LightStream.open("127.0.0.1", port, token(user), seqs=ledger.client(f"{user}/{s}", user).seqs)
+        for user in users
+        for s in range(per_user)
+    ]

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import ServerFactory, make_token
-from tests.faults.client import LightStream
+from tests.faults.client import open_ledger_streams
 from tests.faults.ledger import Ledger
 from tests.faults.writers import committed, write_until
 
@@ -39,13 +39,7 @@ async def test_the_listener_killed_repeatedly_under_writes_loses_nothing(
     port = int(server.url.rsplit(":", 1)[1])
     users = [f"user{u}" for u in range(USERS)]
     ledger = Ledger()
-    streams = [
-        await LightStream.open(
-            "127.0.0.1", port, make_token(user), seqs=ledger.client(f"{user}/{s}", user).seqs
-        )
-        for user in users
-        for s in range(STREAMS_PER_USER)
-    ]
+    streams = await open_ledger_streams(port, users, STREAMS_PER_USER, ledger, make_token)
     await server.wait_for(lambda: server.stream_count == USERS * STREAMS_PER_USER)
     stop = asyncio.Event()
     writers = [

@@ -17,7 +17,7 @@ import pytest
 from service.embedded import EmbeddedPostgres
 from service.migrate import migrate
 from tests.conftest import RunningServer, make_token, settings_for, with_database
-from tests.faults.client import LightStream, wait_until
+from tests.faults.client import open_ledger_streams, wait_until
 from tests.faults.ledger import Ledger
 from tests.faults.writers import committed, write_until
 
@@ -74,13 +74,7 @@ async def test_a_postgres_restart_under_writers_and_streams_loses_nothing(
         port = int(server.url.rsplit(":", 1)[1])
         users = [f"user{u}" for u in range(USERS)]
         ledger = Ledger()
-        streams = [
-            await LightStream.open(
-                "127.0.0.1", port, make_token(user), seqs=ledger.client(f"{user}/{s}", user).seqs
-            )
-            for user in users
-            for s in range(STREAMS_PER_USER)
-        ]
+        streams = await open_ledger_streams(port, users, STREAMS_PER_USER, ledger, make_token)
         await server.wait_for(lambda: server.stream_count == USERS * STREAMS_PER_USER)
         watcher = asyncio.create_task(watch_readyz(server.url, stop_watch, statuses))
         # Half the users get rows all along; the other half's writers are told to stop during the outage, so
