@@ -21,6 +21,7 @@ from pydantic import SecretStr, ValidationError
 
 from service.auth import mint_token
 from service.config import Settings
+from service.http_protocol import guarded_protocol
 from service.logs import configure_logging
 from service.migrate import migrate
 
@@ -131,6 +132,7 @@ def cmd_serve(_args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         proxy_headers=True,
         server_header=False,
+        http=guarded_protocol(settings.header_timeout_seconds),
     )
     server = DrainingServer(config, app)
     if settings.embedded or embedded is not None:

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     # Bytes a stream may have queued and unsent before it is cut (the client resumes from the table).
     stream_buffer_bytes: int = Field(default=256 * KiB, ge=1024)
 
+    # `pgpush serve` answers 408 to a request whose headers have not all arrived in this time (slowloris).
+    header_timeout_seconds: float = Field(default=10, gt=0)
     migrate_on_start: bool = False
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     host: str = "127.0.0.1"
