@@ -55,6 +55,15 @@ class Frame:
     created_at: float
 
 
+@dataclass(slots=True)
+class Batch:
+    """What the writer sends at once: the bytes, how many message rows they hold, the oldest row's age."""
+
+    data: bytes
+    rows: int
+    oldest_created: float | None  # for the latency metric: one observation per write, of its slowest row
+
+
 def encode_row(row: Row) -> Frame:
     return Frame(row.seq, message_frame(row.seq, row.event, compact_json(row.data)), row.created_at)
 
@@ -69,10 +78,10 @@ class Stream:
         "_held",
         "_held_bytes",
         "_limit",
+        "_oldest_created",
+        "_rows",
         "_waiter",
         "close_reason",
-        "delivered",
-        "oldest_created",
         "queued_seq",
         "recipient",
         "send_guard",
@@ -84,8 +93,8 @@ class Stream:
         self.queued_seq = 0  # the highest seq handed to the writer
         self.start_seq: int | None = None  # the hub's cursor when the stream joined: replay stops there
         self.close_reason: CloseReason | None = None
-        self.delivered = 0
-        self.oldest_created: float | None = None  # created_at of the oldest row not yet taken
+        self._rows = 0  # message rows among the pending frames (the rest are control frames)
+        self._oldest_created: float | None = None  # created_at of the oldest pending row
         self.send_guard: asyncio.Timeout | None = None
         self._frames: list[bytes] = []
         self._bytes = 0
@@ -132,24 +141,19 @@ class Stream:
             if frame.seq > self.queued_seq:
                 self._frames.append(frame.data)
                 self._bytes += len(frame.data)
-                if self.oldest_created is None:
-                    self.oldest_created = frame.created_at
+                if self._oldest_created is None:
+                    self._oldest_created = frame.created_at
                 self.queued_seq = frame.seq
-                self.delivered += 1
+                self._rows += 1
         if self._frames:
             self._wake()
 
-    def take(self) -> list[bytes]:
+    def take(self) -> Batch:
         """Everything pending for the client, to be written in one send."""
-        frames, self._frames = self._frames, []
-        self._bytes = 0
+        batch = Batch(b"".join(self._frames), self._rows, self._oldest_created)
+        self._frames, self._bytes, self._rows, self._oldest_created = [], 0, 0, None
         _resolve(self._drain_waiter)
-        return frames
-
-    def take_oldest_created(self) -> float | None:
-        """For the latency metric: one observation per write, of its oldest (slowest) row."""
-        oldest, self.oldest_created = self.oldest_created, None
-        return oldest
+        return batch
 
     @property
     def has_pending(self) -> bool:
@@ -310,13 +314,11 @@ class Hub:
                 await self._init_newcomers()
                 await self._fetch_dirty()
                 backoff = 0.05
-            except UNAVAILABLE_ERRORS as exc:
-                log.warning("reading new rows failed, retrying in %.2fs: %r", backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._backoff_max)
-                self._work.set()
-            except Exception:
-                log.exception("unexpected error while reading new rows")
+            except Exception as exc:
+                if isinstance(exc, UNAVAILABLE_ERRORS):
+                    log.warning("reading new rows failed, retrying in %.2fs: %r", backoff, exc)
+                else:
+                    log.exception("unexpected error while reading new rows")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._backoff_max)
                 self._work.set()
@@ -335,10 +337,7 @@ class Hub:
             if self._recipients.get(name) is not entry:
                 continue  # left while we were reading
             entry.cursor = seqs[name]
-            for stream in entry.streams:
-                if stream.start_seq is None:
-                    stream.start_seq = entry.cursor
-            entry.ready.set_result(entry.cursor)
+            entry.ready.set_result(entry.cursor)  # the snapshot of every stream that waited for it
 
     async def _fetch_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()

@@ -104,20 +104,17 @@ class EventStream(Response):
         # Streams end after a jittered lifetime so that, after a scale-up, clients spread over the new
         # replicas within one lifetime instead of staying where they first landed.
         retires = loop.time() + settings.max_stream_seconds * random.uniform(0.8, 1.0)
-        queued_rows = 0
         while True:
             if stream.has_pending:
-                frames = stream.take()
-                rows, queued_rows = stream.delivered - queued_rows, stream.delivered
-                oldest = stream.take_oldest_created()
-                await self._write(send, b"".join(frames))
+                batch = stream.take()
+                await self._write(send, batch.data)
                 last_write = loop.time()
-                if rows:
+                if batch.rows:
                     last_row = last_write
-                    self._rows_written += rows
-                    self._metrics.events_delivered.inc(rows)
-                    if oldest is not None:
-                        self._metrics.delivery_latency.observe(time.time() - oldest)
+                    self._rows_written += batch.rows
+                    self._metrics.events_delivered.inc(batch.rows)
+                    if batch.oldest_created is not None:
+                        self._metrics.delivery_latency.observe(time.time() - batch.oldest_created)
                 continue
             reason = stream.close_reason
             if reason is CloseReason.SHUTDOWN:

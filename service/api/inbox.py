@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from service.api.deps import CurrentUser
 from service.api.errors import ApiError, error_responses
-from service.db import Database, DatabaseUnavailable, InboxRow
+from service.db import Database, InboxRow
 
 router = APIRouter()
 
@@ -131,10 +131,6 @@ def _message(row: InboxRow) -> InboxMessage:
     )
 
 
-def _unavailable(exc: DatabaseUnavailable) -> ApiError:
-    return ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "1"})
-
-
 @router.get(
     "/me/messages",
     operation_id="list_my_messages",
@@ -181,12 +177,9 @@ async def list_my_messages(
         else:
             upper = min(upper, position - 1)
     db: Database = request.app.state.db
-    try:
-        rows = await db.inbox_page(
-            user.sub, unread=query["unread"], ascending=ascending, after=lower, upto=upper, limit=limit + 1
-        )
-    except DatabaseUnavailable as exc:
-        raise _unavailable(exc) from None
+    rows = await db.inbox_page(
+        user.sub, unread=query["unread"], ascending=ascending, after=lower, upto=upper, limit=limit + 1
+    )
     page = rows[:limit]
     next_cursor = encode_cursor(query, page[-1].seq) if len(rows) > limit else None
     return InboxPage(messages=[_message(row) for row in page], next=next_cursor)
@@ -212,12 +205,9 @@ async def mark_my_messages_read(
 ) -> MarkReadResponse:
     """Mark the caller's messages read by seq, or all up to one; other users' rows are never touched."""
     db: Database = request.app.state.db
-    try:
-        if body.seqs is not None:
-            updated = await db.mark_read(user.sub, body.seqs)
-        else:
-            assert body.through is not None  # the model guarantees exactly one of the two
-            updated = await db.mark_read_through(user.sub, body.through)
-    except DatabaseUnavailable as exc:
-        raise _unavailable(exc) from None
+    if body.seqs is not None:
+        updated = await db.mark_read(user.sub, body.seqs)
+    else:
+        assert body.through is not None  # the model guarantees exactly one of the two
+        updated = await db.mark_read_through(user.sub, body.through)
     return MarkReadResponse(updated=updated)

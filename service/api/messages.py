@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import PublisherUser
 from service.api.errors import ApiError, error_responses
-from service.db import Database, DatabaseUnavailable, IdempotencyConflict, InvalidMessage
+from service.db import Database, IdempotencyConflict, InvalidMessage
 
 log = logging.getLogger("pgpush.publish")
 router = APIRouter()
@@ -155,8 +155,6 @@ async def publish_message(
             f"{exc.field}: {exc.detail}",
             fields=[{"field": exc.field, "message": exc.detail}],
         ) from None
-    except DatabaseUnavailable as exc:
-        raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "1"}) from None
     if published.created == 0:
         response.status_code = 200
     log.info(

@@ -315,9 +315,8 @@ async def test_a_slow_jwks_fetch_does_not_block_the_server(
     waiting = asyncio.create_task(get_events(server, signed(es_key, "ES256", kid="k1")))
     await server.wait_for(lambda: jwks_server.fetches == 1)
     async with httpx.AsyncClient(base_url=server.url, **CLIENT_OPTIONS) as client:
-        started = time.monotonic()
         assert (await client.get("/healthz")).status_code == 200
-        assert time.monotonic() - started < 0.5
+        assert not waiting.done(), "/healthz was answered while the slow JWKS fetch was still running"
     assert (await asyncio.wait_for(waiting, 10)).status_code == 200
 
 

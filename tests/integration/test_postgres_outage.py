@@ -52,6 +52,19 @@ async def test_streams_survive_a_postgres_restart_and_catch_up(
             await server.wait_for(lambda: not server.listener_connected)
             assert await readyz(client) == 503
             assert (await client.get("/healthz")).status_code == 200
+            alice = {"Authorization": f"Bearer {make_token('alice')}"}
+            for refused in (
+                await client.get("/me/messages", headers=alice),
+                await client.post("/me/messages/read", json={"through": 1}, headers=alice),
+                await client.post(
+                    "/messages",
+                    json={"recipients": ["alice"], "data": 1},
+                    headers={"Authorization": f"Bearer {make_token('backend', scope='messages:publish')}"},
+                ),
+            ):
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"] == "database_unavailable"
+                assert refused.headers["retry-after"] == "1"
             during = await open_stream(server.url, make_token("alice"))  # accepted: tokens need no database
             await asyncio.sleep(1.2)
             assert not before.closed.is_set() and not during.closed.is_set()

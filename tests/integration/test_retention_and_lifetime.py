@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import asyncpg
 
@@ -75,17 +74,18 @@ async def test_retention_does_not_block_inserts(database_url: str, db: asyncpg.C
     )
     pool = await Database.connect(database_url)
     try:
+        # An insert that had to wait for a lock the sweep holds fails with lock_not_available.
+        await db.execute("SET lock_timeout = '50ms'")
         sweep = asyncio.create_task(retention(pool, cap=10_000, batch=500).run_once())
-        slowest = 0.0
+        inserted = 0
         while not sweep.done():
-            started = time.perf_counter()
             await db.execute("INSERT INTO messages (recipient, data) VALUES ('u1', '2')")
-            slowest = max(slowest, time.perf_counter() - started)
+            inserted += 1
         result = await sweep
     finally:
         await pool.close()
     assert result is not None and result.old_read == 20000
-    assert slowest < 1.0, "an insert waited on the sweep"
+    assert inserted > 0 and await db.fetchval("SELECT count(*) FROM messages WHERE data = '2'") == inserted
 
 
 async def test_streams_retire_after_a_jittered_lifetime_and_resume(
@@ -96,10 +96,7 @@ async def test_streams_retire_after_a_jittered_lifetime_and_resume(
     async with await open_stream(server.url, token) as stream:
         await db.execute("INSERT INTO messages (recipient, data) VALUES ('alice', '1')")
         [first] = await stream.messages(1)
-        started = time.monotonic()
-        await asyncio.wait_for(stream.closed.wait(), 5)
-        lived = time.monotonic() - started
-    assert lived < 1.5
+        await asyncio.wait_for(stream.closed.wait(), 5)  # idle timeout and token expiry are far off
     assert 0 <= stream.parser.retries[-1] <= 300
     assert server.app.state.metrics.streams_closed.labels("max_lifetime")._value.get() == 1
     await db.execute("INSERT INTO messages (recipient, data) VALUES ('alice', '2')")
