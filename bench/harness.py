@@ -26,6 +26,7 @@ from bench.targets import Target
 class Sizes:
     idle_streams: tuple[int, ...]
     idle_seconds: float
+    settle_seconds: float  # after opening, before the idle window
     users: int
     targeted_rates: tuple[float, ...]  # rows/s; 0 = as fast as it goes
     fan_out_rates: tuple[float, ...]  # statements/s
@@ -33,9 +34,9 @@ class Sizes:
     burst_rows: int
 
 
-FULL = Sizes((1000, 5000, 10000, 20000), 10, 1000, (1000, 2000, 5000, 0), (10, 50, 100, 200), 10, 100_000)
-QUICK = Sizes((1000, 5000), 5, 1000, (1000, 5000, 0), (10, 50, 200), 4, 100_000)
-SMOKE = Sizes((20,), 0.5, 20, (100,), (5,), 1, 200)
+FULL = Sizes((1000, 5000, 10000, 20000), 10, 11, 1000, (1000, 2000, 5000, 0), (10, 50, 100, 200), 10, 100_000)
+QUICK = Sizes((1000, 5000), 5, 11, 1000, (1000, 5000, 0), (10, 50, 200), 4, 100_000)
+SMOKE = Sizes((20,), 0.5, 1, 20, (100,), (5,), 1, 200)
 
 
 @dataclass
@@ -172,7 +173,10 @@ async def idle(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) ->
             report = await gens.add(target, users(n - held, prefix=f"i{held}_"), pin=pin)
             opened_in = report["seconds"]
             held = n
-            await asyncio.sleep(1)  # let the server settle (replays, GC) before the idle window
+            # Let the server settle (replays, GC), and let Postgres publish the opening's statistics: an idle
+            # backend flushes its counts up to 10 s late (PGSTAT_IDLE_INTERVAL), which would be billed to
+            # the idle window.
+            await asyncio.sleep(sizes.settle_seconds)
             before, commits_before = sample(target.pids()), await pg.commits()
             await asyncio.sleep(sizes.idle_seconds)
             after, commits_after = sample(target.pids()), await pg.commits()

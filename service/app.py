@@ -18,6 +18,7 @@ from service.api.limits import BodySizeLimit
 from service.auth import TokenVerifier
 from service.config import Settings
 from service.db import Database
+from service.hints import Hint
 from service.hub import Hub
 from service.listener import Listener
 from service.metrics import Metrics
@@ -46,11 +47,12 @@ def create_app(settings: Settings) -> FastAPI:
             buffer_bytes=settings.stream_buffer_bytes,
             backoff_max=settings.reconnect_backoff_max_seconds,
             on_rows=metrics.rows_fetched.inc,
+            on_carried=metrics.rows_carried.inc,
         )
 
-        def on_hint(recipients: list[str] | None) -> None:
+        def on_hint(hint: Hint) -> None:
             metrics.notifications.inc()
-            hub.notify(recipients)
+            hub.take_hint(hint)
 
         listener = Listener(
             settings.listen_database_url or database_url,

@@ -30,8 +30,18 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 
-LAST_SEQS = """
-SELECT recipient, last_seq FROM message_counters WHERE recipient = ANY($1::text[])
+# Each newcomer's last seq and, from the same snapshot, its newest unread rows up to it (at most $2):
+# one query starts a batch of fresh streams instead of one query per stream.
+NEWCOMERS = """
+SELECT r.recipient, coalesce(c.last_seq, 0), m.seq, m.event, m.data::text,
+       extract(epoch FROM m.created_at)::float8
+FROM unnest($1::text[]) AS r(recipient)
+LEFT JOIN message_counters AS c ON c.recipient = r.recipient
+LEFT JOIN LATERAL (
+    SELECT seq, event, data, created_at FROM messages
+    WHERE messages.recipient = r.recipient AND read_at IS NULL AND seq <= c.last_seq
+    ORDER BY seq DESC LIMIT $2
+) AS m ON true
 """
 
 # New rows for many recipients in one round trip, each from its own cursor, at most $3 per recipient.
@@ -77,6 +87,14 @@ class Row:
     event: str
     data: str
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A recipient's last seq and, read with it, its newest unread rows up to it (oldest first)."""
+
+    seq: int
+    newest_unread: list[Row]
 
 
 # (recipient, seq, event, jsonb text, created_at epoch seconds), as NEW_ROWS returns them.
@@ -140,11 +158,18 @@ class Database:
         except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError):
             return None
 
-    async def last_seqs(self, recipients: Sequence[str]) -> dict[str, int]:
-        """The last committed seq of each recipient (0 when it never had a row)."""
-        records = await self.pool.fetch(LAST_SEQS, list(recipients))
-        found = {r["recipient"]: r["last_seq"] for r in records}
-        return {recipient: found.get(recipient, 0) for recipient in recipients}
+    async def newcomers(self, recipients: Sequence[str], unread_limit: int) -> dict[str, Snapshot]:
+        """Each recipient's last committed seq (0 when it never had a row) and its newest unread rows."""
+        last_seqs = dict.fromkeys(recipients, 0)
+        unread: dict[str, list[Row]] = {recipient: [] for recipient in recipients}
+        records = await self.pool.fetch(NEWCOMERS, list(recipients), unread_limit)
+        for recipient, last_seq, seq, event, data, created_at in records:
+            last_seqs[recipient] = last_seq
+            if seq is not None:
+                unread[recipient].append(Row(recipient, seq, event, data, created_at))
+        return {
+            recipient: Snapshot(last_seqs[recipient], unread[recipient][::-1]) for recipient in recipients
+        }
 
     async def new_rows(self, cursors: Iterable[tuple[str, int]], per_recipient: int) -> list[NewRow]:
         """Rows after each recipient's cursor, grouped by recipient in cursor order, oldest first.

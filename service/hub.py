@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from service.db import UNAVAILABLE_ERRORS, Database, NewRow, Row
+from service.db import UNAVAILABLE_ERRORS, Database, NewRow, Row, Snapshot
+from service.hints import CarriedRow, Hint
 from service.sse import compact_json, message_frame
 
 log = logging.getLogger("pgpush.hub")
@@ -22,6 +23,9 @@ log = logging.getLogger("pgpush.hub")
 FETCH_CHUNK = 1000
 FETCH_ROW_BUDGET = 20000
 MIN_PER_RECIPIENT = 10
+# Unread rows read with a newcomer's cursor: enough to start most fresh or reconnecting streams with no
+# query of their own, few enough that a thousand newcomers stay one small result.
+NEWCOMER_UNREAD = 32
 
 
 class CloseReason(StrEnum):
@@ -55,6 +59,20 @@ class Frame:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class StartPoint:
+    """Where a stream joins the live rows, and (when known) every unread row up to there, oldest first."""
+
+    seq: int
+    unread: list[Row] | None
+
+
+def start_point(snapshot: Snapshot) -> StartPoint:
+    # A full batch may have been cut short by the query's limit: then the replay reads the table itself.
+    complete = len(snapshot.newest_unread) < NEWCOMER_UNREAD
+    return StartPoint(snapshot.seq, snapshot.newest_unread if complete else None)
+
+
 @dataclass(slots=True)
 class Batch:
     """What the writer sends at once: the bytes, how many message rows they hold, the oldest row's age."""
@@ -85,13 +103,13 @@ class Stream:
         "queued_seq",
         "recipient",
         "send_guard",
-        "start_seq",
+        "start",
     )
 
     def __init__(self, recipient: str, buffer_bytes: int) -> None:
         self.recipient = recipient
         self.queued_seq = 0  # the highest seq handed to the writer
-        self.start_seq: int | None = None  # the hub's cursor when the stream joined: replay stops there
+        self.start: StartPoint | None = None  # the hub's cursor when the stream joined: replay stops there
         self.close_reason: CloseReason | None = None
         self._rows = 0  # message rows among the pending frames (the rest are control frames)
         self._oldest_created: float | None = None  # created_at of the oldest pending row
@@ -197,11 +215,17 @@ def _resolve(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+def _new_future() -> asyncio.Future[StartPoint]:
+    return asyncio.get_running_loop().create_future()
+
+
 @dataclass(slots=True, eq=False)
 class _Recipient:
     streams: set[Stream] = field(default_factory=set)
     cursor: int | None = None  # the highest seq fetched for this recipient's live streams
-    ready: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    ready: asyncio.Future[StartPoint] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Hub:
@@ -216,6 +240,7 @@ class Hub:
         buffer_bytes: int,
         backoff_max: float = 2.0,
         on_rows: Callable[[int], None] | None = None,
+        on_carried: Callable[[int], None] | None = None,
     ) -> None:
         self._db = db
         self._recipients: dict[str, _Recipient] = {}
@@ -228,6 +253,7 @@ class Hub:
         self._buffer_bytes = buffer_bytes
         self._backoff_max = backoff_max
         self._on_rows = on_rows
+        self._on_carried = on_carried
         self.stream_count = 0
         self._closing = False
 
@@ -255,16 +281,17 @@ class Hub:
             self._newcomers.add(recipient)
             self._work.set()  # its cursor is read by the fetcher, batched with other newcomers
         stream = Stream(recipient, self._buffer_bytes)
-        stream.start_seq = entry.cursor
+        if entry.cursor is not None:
+            stream.start = StartPoint(entry.cursor, None)
         entry.streams.add(stream)
         self.stream_count += 1
         return stream
 
-    async def start_seq(self, stream: Stream) -> int:
+    async def start_point(self, stream: Stream) -> StartPoint:
         """The seq up to which this stream must be filled from the table; live rows follow it."""
-        if stream.start_seq is None:
-            stream.start_seq = await asyncio.shield(self._recipients[stream.recipient].ready)
-        return stream.start_seq
+        if stream.start is None:
+            stream.start = await asyncio.shield(self._recipients[stream.recipient].ready)
+        return stream.start
 
     def close(self, stream: Stream) -> None:
         entry = self._recipients.get(stream.recipient)
@@ -299,6 +326,39 @@ class Hub:
         if self._dirty:
             self._work.set()
 
+    def take_hint(self, hint: Hint) -> None:
+        """A notification: carried rows go straight to their streams, named recipients are re-read."""
+        self.notify(hint.recipients)
+        if hint.rows:
+            self._deliver_carried(hint.rows)
+
+    def _deliver_carried(self, rows: list[CarriedRow]) -> None:
+        """Use a carried row only when the hub provably holds every earlier row of its recipient.
+
+        `previous_seq` is the recipient's last seq before the row's statement, and that statement's rows
+        are all its rows after it (the counter lock): a cursor at or past it leaves no gap. Otherwise, e.g.
+        when a newcomer's cursor is still being read or a notification went missing, the table decides.
+        """
+        carried = 0
+        for row in rows:
+            entry = self._recipients.get(row.recipient)
+            if entry is None:
+                continue
+            if entry.cursor is None or entry.cursor < row.previous_seq:
+                self._dirty.add(row.recipient)
+                self._work.set()
+                continue
+            if row.seq <= entry.cursor:
+                continue  # a fetch already brought it
+            body = message_frame(row.seq, row.event, compact_json(row.data))
+            frames = [Frame(row.seq, body, row.created_at)]
+            entry.cursor = row.seq
+            for stream in entry.streams:
+                stream.push_live(frames)
+            carried += 1
+        if carried and self._on_carried is not None:
+            self._on_carried(carried)
+
     def resync(self) -> None:
         """Re-read every live recipient from its cursor (after a listener reconnect, and as a safety net)."""
         self.notify(None)
@@ -324,20 +384,21 @@ class Hub:
                 self._work.set()
 
     async def _init_newcomers(self) -> None:
-        if not self._newcomers:
-            return
-        names, self._newcomers = self._newcomers, set()
-        newcomers = {name: e for name in names if (e := self._recipients.get(name)) is not None}
-        try:
-            seqs = await self._db.last_seqs(list(newcomers))
-        except BaseException:
-            self._newcomers.update(newcomers)
-            raise
-        for name, entry in newcomers.items():
-            if self._recipients.get(name) is not entry:
-                continue  # left while we were reading
-            entry.cursor = seqs[name]
-            entry.ready.set_result(entry.cursor)  # the snapshot of every stream that waited for it
+        names, self._newcomers = list(self._newcomers), set()
+        for start in range(0, len(names), FETCH_CHUNK):
+            chunk = {
+                name: e for name in names[start : start + FETCH_CHUNK] if (e := self._recipients.get(name))
+            }
+            try:
+                snapshots = await self._db.newcomers(list(chunk), NEWCOMER_UNREAD)
+            except BaseException:
+                self._newcomers.update(names[start:])
+                raise
+            for name, entry in chunk.items():
+                if self._recipients.get(name) is not entry:
+                    continue  # left while we were reading
+                entry.cursor = snapshots[name].seq
+                entry.ready.set_result(start_point(snapshots[name]))  # every stream that waited for it
 
     async def _fetch_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()

@@ -15,10 +15,11 @@ from collections.abc import Callable
 import asyncpg
 
 from service.db import LISTENER_APPLICATION_NAME, NOTIFY_CHANNEL, server_settings
+from service.hints import Hint, parse_hint
 
 log = logging.getLogger("pgpush.listener")
 
-HintHandler = Callable[[list[str] | None], None]
+HintHandler = Callable[[Hint], None]
 
 
 class Listener:
@@ -132,4 +133,4 @@ class Listener:
 
     def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
-        self._on_hint(None if payload == "*" else payload.split("\n"))
+        self._on_hint(parse_hint(payload))

@@ -28,6 +28,11 @@ class Metrics:
         self.rows_fetched = Counter(
             "pgpush_rows_fetched_total", "New rows read by the hub for live streams", registry=r
         )
+        self.rows_carried = Counter(
+            "pgpush_rows_carried_total",
+            "New rows that arrived inside their notification (small statements): no table read",
+            registry=r,
+        )
         self.delivery_latency = Histogram(
             "pgpush_delivery_latency_seconds",
             "From a row's created_at to its bytes being written to the client; one observation per write, "

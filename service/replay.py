@@ -52,7 +52,8 @@ async def fill_stream(
     on_replayed: Callable[[int], None] | None = None,
 ) -> None:
     """Replay what the client has not seen (DESIGN §3's table), then switch the stream to live rows."""
-    snapshot = await hub.start_seq(stream)
+    start = await hub.start_point(stream)
+    snapshot = start.seq
     recipient = stream.recipient
     after = cursor
     if cursor is not None and cursor > snapshot:
@@ -62,8 +63,18 @@ async def fill_stream(
         reset_sent = True
     else:
         reset_sent = False
+    if start.unread is not None:
+        # The hub read all the unread rows up to the snapshot with it (the usual case): no query needed.
+        if after is None:
+            if len(start.unread) > replay_limit and not reset_sent:
+                stream.push_control(control_frame("reset", {"reason": "too_many_unread"}))
+            _push(stream, start.unread[-replay_limit:], on_replayed)
+        else:
+            _push(stream, [row for row in start.unread if row.seq > after], on_replayed)
+        stream.go_live()
+        return
     if after is None:
-        # Usually a fresh connect has few unread rows: one query for the newest ones settles it.
+        # A fresh connect usually has few unread rows: one query for the newest ones settles it.
         window = min(replay_limit, REPLAY_PAGE)
         newest = await _until_answered(
             stream, partial(db.newest_unread, recipient, snapshot, window + 1), backoff_max

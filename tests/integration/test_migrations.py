@@ -121,17 +121,35 @@ async def test_keys_are_unique_per_recipient(db: asyncpg.Connection) -> None:
         await db.execute("INSERT INTO messages (recipient, data, key) VALUES ('a', '2', 'k')")
 
 
-async def test_one_notification_per_statement_and_star_past_the_payload_limit(db: asyncpg.Connection) -> None:
+async def test_one_notification_per_statement_small_ones_carry_their_rows(db: asyncpg.Connection) -> None:
     received: list[str] = []
     await db.add_listener("pgpush", lambda *args: received.append(args[3]))
+    await db.execute("INSERT INTO messages (recipient, data) VALUES ('bob', '{\"a\": \"tab\\there\"}')")
     await db.execute(
-        "INSERT INTO messages (recipient, data) VALUES ('bob', '1'), ('alice', '2'), ('bob', '3')"
+        "INSERT INTO messages (recipient, data) VALUES ('bob', '1'), ('alice', '[1, 2]'), ('bob', '3')"
+    )
+    await db.execute(
+        "INSERT INTO messages (recipient, data) SELECT 'u' || n, '1' FROM generate_series(1, 17) n"
     )
     await db.execute(
         "INSERT INTO messages (recipient, data) "
         "SELECT repeat('u', 200) || n, '1' FROM generate_series(1, 100) n"
     )
+    await db.execute(
+        "INSERT INTO messages (recipient, data) VALUES ('carol', jsonb_build_array(repeat('x', 8000)))"
+    )
     await asyncio.sleep(0.2)
-    assert len(received) == 2
-    assert sorted(received[0].split("\n")) == ["alice", "bob"]
-    assert received[1] == "*"
+    assert len(received) == 5
+    seqs = dict(await db.fetch("SELECT data::text, seq FROM messages WHERE recipient IN ('alice', 'bob')"))
+    first, second = (hint.split("\n") for hint in received[:2])
+    fields = [line.split("\t") for line in first + second]
+    # recipient, last seq before the statement, seq, event, created_at, jsonb text
+    assert [(f[0], f[1], f[2], f[3], f[5]) for f in fields] == [
+        ("bob", "0", str(seqs['{"a": "tab\\there"}']), "message", '{"a": "tab\\there"}'),
+        ("bob", str(seqs['{"a": "tab\\there"}']), str(seqs["1"]), "message", "1"),
+        ("alice", "0", str(seqs["[1, 2]"]), "message", "[1, 2]"),
+        ("bob", str(seqs['{"a": "tab\\there"}']), str(seqs["3"]), "message", "3"),
+    ]
+    assert sorted(received[2].split("\n")) == sorted(f"u{n}" for n in range(1, 18))  # too many to carry
+    assert received[3] == "*"  # even the names exceed the 8000-byte limit
+    assert received[4] == "carol"  # one row too large to carry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from service.hub import NEWCOMER_UNREAD
 from tests.conftest import RunningServer, ServerFactory, make_token
 from tests.sse_client import open_stream
 
@@ -66,6 +67,22 @@ async def test_a_fresh_connect_replays_unread_rows_oldest_first(
         assert await stream.quiet(0.3) == []
     assert [e.seq for e in events] == seqs[2:]
     assert all(e.type == "lead" for e in events)
+
+
+# The hub reads up to NEWCOMER_UNREAD unread rows with a newcomer's cursor; past that the stream pages the
+# table itself. Both sides of the boundary must replay the same rows.
+@pytest.mark.parametrize("unread", [NEWCOMER_UNREAD - 1, NEWCOMER_UNREAD, NEWCOMER_UNREAD + 1])
+async def test_replay_is_the_same_whether_the_hub_or_the_stream_read_the_unread_rows(
+    server: RunningServer, db: asyncpg.Connection, unread: int
+) -> None:
+    seqs = await insert_rows(db, "alice", unread + 2)
+    await db.execute("UPDATE messages SET read_at = now() WHERE recipient = 'alice' AND seq <= $1", seqs[1])
+    async with await open_stream(server.url, make_token("alice")) as fresh:
+        assert [e.seq for e in await fresh.messages(unread)] == seqs[2:]
+        assert await fresh.quiet(0.3) == []
+    async with await open_stream(server.url, make_token("alice"), last_event_id=seqs[5]) as resumed:
+        assert [e.seq for e in await resumed.messages(unread - 4)] == seqs[6:]
+        assert await resumed.quiet(0.3) == []
 
 
 async def test_more_unread_rows_than_the_replay_limit_sends_reset_then_the_newest(
