@@ -111,7 +111,7 @@ async def test_a_newcomer_whose_cursor_is_not_read_yet_leaves_the_row_to_its_rep
     seq = await db.fetchval(INSERT, "carol", "1")
     stream = hub.open("carol")  # the hub has not read carol's cursor yet
     hub.take_hint(Hint([], [carried("carol", 0, seq)]))
-    assert await hub.start_point(stream) == seq  # the replay, which reads up to here, sends it
+    assert (await hub.start_point(stream)).seq == seq  # the replay, which reads up to here, sends it
     assert not stream.has_pending and counts.carried == 0
 
 
