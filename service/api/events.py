@@ -9,10 +9,10 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from service.api.deps import StreamUser, stream_user
-from service.api.errors import ApiError, api_error_response, error_responses
+from service.api.errors import ApiError, api_error_response, error_response, error_responses
 from service.auth import Principal
 from service.config import Settings
 from service.hub import CloseReason, Hub, Stream, StreamLimitError
@@ -254,30 +254,28 @@ def open_event_stream(
     return EventStream(request, user, stream, cursor)
 
 
-class EventsFastPath:
-    """Serves GET /events directly, past routing and dependency injection (same functions, same answers).
+def is_stream_request(scope: Scope) -> bool:
+    return bool(scope["type"] == "http" and scope["path"] == "/events" and scope["method"] == "GET")
+
+
+async def serve_stream(scope: Scope, receive: Receive, send: Send) -> None:
+    """GET /events served directly, past routing and dependency injection (same functions, same answers).
 
     A stream lives for minutes: every layer it passes through keeps a coroutine frame alive for that long.
-    Skipping the ten-odd layers of routing and dependency solving that a stream does not need cut
-    per-stream memory and the CPU of opening one (bench/RESULTS.md); the route stays for the OpenAPI
-    document and as the fallback.
+    Skipping the layers a stream does not need cut per-stream memory and the CPU of opening one
+    (bench/RESULTS.md); the route stays for the OpenAPI document.
     """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/events" or scope["method"] != "GET":
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope, receive)
-        response: Response
-        try:
-            user = await stream_user(request, None, None, None, None)
-            response = open_event_stream(
-                request, user, request.headers.get("last-event-id"), request.query_params.get("lastEventId")
-            )
-        except ApiError as exc:
-            response = api_error_response(request, exc)
-        del request  # its parsed headers, cookies and query would live as long as the stream
-        await response(scope, receive, send)
+    request = Request(scope, receive)
+    response: Response
+    try:
+        user = await stream_user(request, None, None, None, None)
+        response = open_event_stream(
+            request, user, request.headers.get("last-event-id"), request.query_params.get("lastEventId")
+        )
+    except ApiError as exc:
+        response = api_error_response(request, exc)
+    except Exception:
+        log.exception("opening a stream failed")
+        response = error_response(500, "internal_error", "the stream could not be opened")
+    del request  # its parsed headers, cookies and query would live as long as the stream
+    await response(scope, receive, send)
