@@ -26,7 +26,6 @@ from bench.targets import Target
 class Sizes:
     idle_streams: tuple[int, ...]
     idle_seconds: float
-    settle_seconds: float  # after opening, before the idle window
     users: int
     targeted_rates: tuple[float, ...]  # rows/s; 0 = as fast as it goes
     fan_out_rates: tuple[float, ...]  # statements/s
@@ -34,9 +33,11 @@ class Sizes:
     burst_rows: int
 
 
-FULL = Sizes((1000, 5000, 10000, 20000), 10, 11, 1000, (1000, 2000, 5000, 0), (10, 50, 100, 200), 10, 100_000)
-QUICK = Sizes((1000, 5000), 5, 11, 1000, (1000, 5000, 0), (10, 50, 200), 4, 100_000)
-SMOKE = Sizes((20,), 0.5, 1, 20, (100,), (5,), 1, 200)
+STATS_FLUSH_SECONDS = 11.0
+
+FULL = Sizes((1000, 5000, 10000, 20000), 10, 1000, (1000, 2000, 5000, 0), (10, 50, 100, 200), 10, 100_000)
+QUICK = Sizes((1000, 5000), 5, 1000, (1000, 5000, 0), (10, 50, 200), 4, 100_000)
+SMOKE = Sizes((20,), 0.5, 20, (100,), (5,), 1, 200)
 
 
 @dataclass
@@ -173,17 +174,21 @@ async def idle(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) ->
             report = await gens.add(target, users(n - held, prefix=f"i{held}_"), pin=pin)
             opened_in = report["seconds"]
             held = n
-            # Let the server settle (replays, GC), and let Postgres publish the opening's statistics: an idle
-            # backend flushes its counts up to 10 s late (PGSTAT_IDLE_INTERVAL), which would be billed to
-            # the idle window.
-            await asyncio.sleep(sizes.settle_seconds)
-            before, commits_before = sample(target.pids()), await pg.commits()
+            opened_at = time.monotonic()
+            await asyncio.sleep(1)  # let the server settle (replays, GC) before the idle window
+            # The window ends before the first heartbeats (15 s after opening): "between heartbeats".
+            before = sample(target.pids())
             await asyncio.sleep(sizes.idle_seconds)
-            after, commits_after = sample(target.pids()), await pg.commits()
+            after = sample(target.pids())
+            # Queries are counted later: an idle backend publishes its statistics up to 10 s late
+            # (PGSTAT_IDLE_INTERVAL), which would bill the opening's queries to the idle window.
+            await asyncio.sleep(max(0.0, opened_at + STATS_FLUSH_SECONDS - time.monotonic()))
+            commits_at, commits_before = time.monotonic(), await pg.commits()
+            await asyncio.sleep(sizes.idle_seconds)
+            commits_after, commits_span = await pg.commits(), time.monotonic() - commits_at
             opened = sum(r["opened"] for r in await gens.all("collect"))
-            elapsed = after.at - before.at
             # Our own two pg_stat_database reads commit once each; do not blame the server for them.
-            db_rate = max(0, commits_after - commits_before - 1) / elapsed
+            db_rate = max(0, commits_after - commits_before - 1) / commits_span
             result = Result("idle", f"{n} streams", target.name)
             result.values = {
                 "streams_open": opened,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -107,6 +108,18 @@ def _print_welcome(settings: Settings) -> None:
     )
 
 
+# Young-generation collections every 10,000 allocations instead of 700, and full ones rarely: each stream
+# is a few dozen long-lived objects, and the default thresholds re-scanned all of them while thousands of
+# streams opened (open 4,000 streams: 3.3-4.2 s -> 1.9-2.4 s; python -m bench run idle --quick).
+GC_THRESHOLDS = (10_000, 50, 1_000)
+
+
+def _tune_garbage_collector() -> None:
+    gc.collect()
+    gc.freeze()  # what startup built (modules, the app) lives forever: keep it out of every collection
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def cmd_serve(_args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.embedded import EmbeddedPostgres
@@ -141,6 +154,7 @@ def cmd_serve(_args: argparse.Namespace) -> int:
     # normal return, so a drained SIGTERM exits 0 as DESIGN §3 asks.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _s, _f: None)
+    _tune_garbage_collector()
     try:
         server.run()
     finally:
