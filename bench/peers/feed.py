@@ -22,6 +22,16 @@ CROSS JOIN LATERAL (
 ) AS m
 ORDER BY c.recipient, m.seq
 """
+
+
+def hinted_recipients(payload: str) -> list[str] | None:
+    """The recipients a pgpush notification names (None: everyone). Lines that carry a whole row (migration
+    0002) start with the recipient; the peers ignore the rest and read the table as they always did."""
+    if payload == "*":
+        return None
+    return [line.split("\t", 1)[0] for line in payload.split("\n")]
+
+
 LAST_SEQ = "SELECT coalesce(max(last_seq), 0) FROM message_counters WHERE recipient = $1"
 
 RowHandler = Callable[[list[asyncpg.Record]], None]
@@ -63,10 +73,11 @@ class Feed:
             self.cursors[recipient] = await self.pool.fetchval(LAST_SEQ, recipient)
 
     def _hint(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        if payload == "*":
+        names = hinted_recipients(payload)
+        if names is None:
             self.everyone = True
         else:
-            self.dirty.update(payload.split("\n"))
+            self.dirty.update(names)
         self.work.set()
 
     async def _run(self) -> None:

@@ -14,7 +14,7 @@ import sys
 import asyncpg
 import uvloop
 
-from bench.peers.feed import Feed
+from bench.peers.feed import Feed, hinted_recipients
 
 CONNECTIONS = 4
 
@@ -75,11 +75,10 @@ async def main(port: int) -> None:
     original = feed._hint
 
     def hint(conn: object, pid: int, channel: str, payload: str) -> None:
-        if payload != "*":
-            for name in payload.split("\n"):
-                if name not in everyone:
-                    everyone.add(name)
-                    feed.cursors.setdefault(name, 0)
+        for name in hinted_recipients(payload) or []:
+            if name not in everyone:
+                everyone.add(name)
+                feed.cursors.setdefault(name, 0)
         original(conn, pid, channel, payload)
 
     await feed.start()

@@ -1,4 +1,4 @@
-"""The benchmark harness still runs end to end: a tiny targeted and burst run against pgpush only."""
+"""The benchmark harness still runs end to end: tiny targeted and burst runs against pgpush and a peer."""
 
 from __future__ import annotations
 
@@ -21,6 +21,17 @@ async def test_targeted_smoke_run_delivers_every_row_to_pgpush_streams(database_
     assert 0 < result.values["p50_ms"] <= result.values["p99_ms"] < 5000
     assert result.values["server_rss_mb"] > 10
     assert "| targeted | 100 rows/s | p99_ms |" in table(results, ["pgpush"])
+
+
+async def test_the_raw_asgi_peer_still_understands_pgpush_notifications(database_url: str) -> None:
+    # The peers read the same table and notifications as pgpush; a change to the notification format
+    # (migration 0002 made small statements carry their rows) once left them delivering nothing.
+    (result,) = await asyncio.wait_for(
+        run("targeted", ["raw"], SMOKE, database_url=database_url, pin=False), timeout=60
+    )
+
+    assert result.values["lost"] == 0
+    assert result.values["delivered_per_s"] > 0
 
 
 async def test_burst_smoke_run_receives_the_whole_statement(database_url: str) -> None:
