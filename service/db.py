@@ -44,6 +44,15 @@ LEFT JOIN LATERAL (
 ) AS m ON true
 """
 
+# Which of these recipients have rows after the given cursors: the counter is advanced in the same
+# transaction as the rows, so one index probe per recipient answers without touching the messages.
+BEHIND = """
+SELECT c.recipient
+FROM unnest($1::text[], $2::bigint[]) AS c(recipient, after_seq)
+JOIN message_counters AS m ON m.recipient = c.recipient
+WHERE m.last_seq > c.after_seq
+"""
+
 # New rows for many recipients in one round trip, each from its own cursor, at most $3 per recipient.
 # created_at comes as epoch seconds: a float is all the latency metric needs and is cheaper to decode.
 NEW_ROWS = """
@@ -170,6 +179,11 @@ class Database:
         return {
             recipient: Snapshot(last_seqs[recipient], unread[recipient][::-1]) for recipient in recipients
         }
+
+    async def behind(self, cursors: Sequence[tuple[str, int]]) -> list[str]:
+        """The recipients whose last committed seq is past their cursor."""
+        records = await self.pool.fetch(BEHIND, [r for r, _ in cursors], [seq for _, seq in cursors])
+        return [record[0] for record in records]
 
     async def new_rows(self, cursors: Iterable[tuple[str, int]], per_recipient: int) -> list[NewRow]:
         """Rows after each recipient's cursor, grouped by recipient in cursor order, oldest first.

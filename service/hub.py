@@ -23,6 +23,8 @@ log = logging.getLogger("pgpush.hub")
 FETCH_CHUNK = 1000
 FETCH_ROW_BUDGET = 20000
 MIN_PER_RECIPIENT = 10
+# Recipients per resync query (their counters against the hub's cursors).
+CHECK_CHUNK = 20000
 # Unread rows read with a newcomer's cursor: enough to start most fresh or reconnecting streams with no
 # query of their own, few enough that a thousand newcomers stay one small result.
 NEWCOMER_UNREAD = 32
@@ -246,6 +248,7 @@ class Hub:
         self._recipients: dict[str, _Recipient] = {}
         self._dirty: set[str] = set()
         self._newcomers: set[str] = set()  # recipients whose cursor is still to be read
+        self._check_all = False  # compare every live recipient's counter with its cursor
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._max_streams = max_streams
@@ -360,8 +363,13 @@ class Hub:
             self._on_carried(carried)
 
     def resync(self) -> None:
-        """Re-read every live recipient from its cursor (after a listener reconnect, and as a safety net)."""
-        self.notify(None)
+        """Catch up every live recipient (after a listener reconnect, and as a safety net).
+
+        One query compares all their counters with the hub's cursors; only those behind are read. Reading
+        every recipient's rows instead cost a query per thousand live users every safety-net interval.
+        """
+        self._check_all = True
+        self._work.set()
 
     # --- the fetcher ---------------------------------------------------------------------------------
 
@@ -372,6 +380,7 @@ class Hub:
             self._work.clear()
             try:
                 await self._init_newcomers()
+                await self._check_cursors()
                 await self._fetch_dirty()
                 backoff = 0.05
             except Exception as exc:
@@ -399,6 +408,18 @@ class Hub:
                     continue  # left while we were reading
                 entry.cursor = snapshots[name].seq
                 entry.ready.set_result(start_point(snapshots[name]))  # every stream that waited for it
+
+    async def _check_cursors(self) -> None:
+        if not self._check_all:
+            return
+        self._check_all = False
+        cursors = [(name, e.cursor) for name, e in self._recipients.items() if e.cursor is not None]
+        try:
+            for start in range(0, len(cursors), CHECK_CHUNK):
+                self._dirty.update(await self._db.behind(cursors[start : start + CHECK_CHUNK]))
+        except BaseException:
+            self._check_all = True
+            raise
 
     async def _fetch_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()

@@ -1,7 +1,7 @@
-"""Rows carried inside their notification: used only when nothing before them can be missing.
+"""The hub on a real database with no listener, so each test decides which notifications it hears.
 
-The hub here runs on a real database with no listener, so each test decides exactly which notifications
-the hub hears, including the ones that "went missing".
+Rows carried inside their notification are used only when nothing before them can be missing, and a
+resync (listener reconnect, safety net) finds rows whose notifications never came.
 """
 
 from __future__ import annotations
@@ -113,6 +113,20 @@ async def test_a_newcomer_whose_cursor_is_not_read_yet_leaves_the_row_to_its_rep
     hub.take_hint(Hint([], [carried("carol", 0, seq)]))
     assert (await hub.start_point(stream)).seq == seq  # the replay, which reads up to here, sends it
     assert not stream.has_pending and counts.carried == 0
+
+
+async def test_a_resync_reads_only_the_recipients_whose_counters_passed_their_cursor(
+    hub: Hub, db: asyncpg.Connection, counts: Counts
+) -> None:
+    bob, carol = await live_stream(hub, "bob"), await live_stream(hub, "carol")
+    missed = [await db.fetchval(INSERT, "bob", "1") for _ in range(2)]  # no notification at all
+    hub.resync()
+    assert await received_seqs(bob, 2) == missed
+    assert not carol.has_pending and counts.fetched == 2
+    later = await db.fetchval(INSERT, "carol", "2")
+    hub.resync()
+    assert await received_seqs(carol, 1) == [later]
+    assert not bob.has_pending and counts.fetched == 3  # bob was current: none of his rows were read again
 
 
 def test_notification_lines_parse_as_names_rows_or_everyone() -> None:
