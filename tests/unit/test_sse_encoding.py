@@ -199,6 +199,14 @@ def test_decimals_beyond_double_precision_are_kept_digit_for_digit(number: str) 
     assert compact_json(f"[{number}, 1.5]") == f"[{number},1.5]".encode()
 
 
+@pytest.mark.parametrize(
+    "number", ["1795323295398.415", "-1795323295398.4155", "123456789012345678", "18446744073709551615"]
+)
+def test_long_numbers_keep_their_text_whichever_path_encodes_them(number: str) -> None:
+    """Epoch milliseconds with a fraction, 18-digit ids: orjson holds some exactly, others go the slow way."""
+    assert compact_json(f'{{"t": {number}, "s": "a, b: c"}}') == f'{{"t":{number},"s":"a, b: c"}}'.encode()
+
+
 @given(
     st.integers(min_value=0, max_value=10**30),
     st.integers(min_value=0, max_value=40),
