@@ -278,4 +278,7 @@ async def serve_stream(scope: Scope, receive: Receive, send: Send) -> None:
         log.exception("opening a stream failed")
         response = error_response(500, "internal_error", "the stream could not be opened")
     del request  # its parsed headers, cookies and query would live as long as the stream
+    # So would the raw request headers in the scope, the token among them; nothing reads them once the
+    # stream is open (CORS took what it needs when the request came in).
+    scope["headers"] = []
     await response(scope, receive, send)
