@@ -3,7 +3,8 @@
 Each line is a recipient name, or one row as tab-separated fields: recipient, the recipient's last seq
 before the statement, seq, event, created_at (epoch seconds), jsonb text. The whole payload `*` means
 "anyone may have new rows". Recipients and events hold no control characters and jsonb text escapes them,
-so neither separator can occur inside a field.
+so neither separator can occur inside a field. A payload that carries rows also names their recipients,
+for releases that read only names; here a name whose rows are carried is not a hint.
 """
 
 from __future__ import annotations
@@ -51,4 +52,5 @@ def parse_hint(payload: str) -> Hint:
             # Not ours to guess at: read the table for everyone rather than risk skipping a row.
             log.warning("unreadable notification line; re-reading every live recipient")
             return Hint(None, [])
-    return Hint(names, rows)
+    carried = {row.recipient for row in rows}
+    return Hint([name for name in names if name not in carried], rows)

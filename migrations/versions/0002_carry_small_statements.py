@@ -2,9 +2,12 @@
 
 A notification line is either a recipient name (a hint: read that recipient's new rows) or one whole row,
 tab-separated: recipient, the recipient's last seq before this statement, seq, event, created_at (epoch
-seconds), data (jsonb text). The "last seq before" lets the hub prove it has every earlier row before it
-uses a carried one (DESIGN §2: the table stays the truth; a carried row only saves a read). Recipients and
-events hold no control characters and jsonb text escapes them, so tabs and newlines are unambiguous.
+seconds), data (jsonb text). A payload that carries rows still names their recipients first, so a release
+that reads only names (0.1.0, during a rolling upgrade or after a rollback) reads the table as before;
+this release skips a name whose rows came with it. The "last seq before" lets the hub prove it has every
+earlier row before it uses a carried one (DESIGN §2: the table stays the truth; a carried row only saves a
+read). Recipients and events hold no control characters and jsonb text escapes them, so tabs and newlines
+are unambiguous.
 
 Revision ID: 0002
 Revises: 0001
@@ -47,7 +50,7 @@ BEGIN
             UPDATE message_counters AS c SET last_seq = latest.seq
             FROM latest WHERE c.recipient = latest.recipient
         )
-        SELECT string_agg(
+        SELECT (SELECT string_agg(recipient, E'\n') FROM latest) || E'\n' || string_agg(
             concat_ws(
                 E'\t', n.recipient, p.last_seq, n.seq, n.event, extract(epoch FROM n.created_at), n.data
             ),

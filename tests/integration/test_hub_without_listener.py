@@ -135,3 +135,5 @@ def test_notification_lines_parse_as_names_rows_or_everyone() -> None:
     row = 'bob\t3\t7\tlead\t1795323295.398415\t{"a": "x\\ty"}'
     assert parse_hint(row) == Hint([], [CarriedRow("bob", 3, 7, "lead", '{"a": "x\\ty"}', 1795323295.398415)])
     assert parse_hint("bob\tnot-a-number\t7\tlead\t1\t1") == Hint(None, [])  # unreadable: re-read everyone
+    # Names listed for older releases are not hints when their rows came along.
+    assert parse_hint(f"bob\ncarol\n{row}") == Hint(["carol"], [parse_hint(row).rows[0]])
