@@ -17,12 +17,18 @@ SERVER_CPU = "0"  # the server under test alone on one core
 CLIENT_CPU = "1"  # load generator, writers and Postgres on the other
 
 
+# The cores this process may use, read once at import: after pin_self() the harness itself sees only the
+# client core, and asking again then made every later `pinned()` a no-op, so the servers under test ran on
+# the client core with Postgres, the writers and the load generator.
+_CORES = frozenset(os.sched_getaffinity(0))
+
+
 def cores() -> int:
-    return len(os.sched_getaffinity(0))
+    return len(_CORES)
 
 
 def pinning_possible() -> bool:
-    return cores() >= 2
+    return {int(SERVER_CPU), int(CLIENT_CPU)} <= _CORES
 
 
 def pin_self(cpu: str = CLIENT_CPU) -> None:
