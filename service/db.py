@@ -100,10 +100,10 @@ class Row:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A recipient's last seq and, read with it, its newest unread rows up to it (oldest first)."""
+    """A recipient's last seq and, when known, every unread row up to it (oldest first), read together."""
 
     seq: int
-    newest_unread: list[Row]
+    unread: list[Row] | None  # None: not read, or more than the reader asked for
 
 
 # (recipient, seq, event, jsonb text, created_at epoch seconds), as NEW_ROWS returns them.
@@ -168,16 +168,19 @@ class Database:
             return None
 
     async def newcomers(self, recipients: Sequence[str], unread_limit: int) -> dict[str, Snapshot]:
-        """Each recipient's last committed seq (0 when it never had a row) and its newest unread rows."""
+        """Each recipient's last committed seq (0 when it never had a row) with its unread rows, when it
+        has at most `unread_limit` of them."""
         last_seqs = dict.fromkeys(recipients, 0)
         unread: dict[str, list[Row]] = {recipient: [] for recipient in recipients}
-        records = await self.pool.fetch(NEWCOMERS, list(recipients), unread_limit)
+        # One row past the limit tells "exactly the limit" from "more".
+        records = await self.pool.fetch(NEWCOMERS, list(recipients), unread_limit + 1)
         for recipient, last_seq, seq, event, data, created_at in records:
             last_seqs[recipient] = last_seq
             if seq is not None:
                 unread[recipient].append(Row(recipient, seq, event, data, created_at))
         return {
-            recipient: Snapshot(last_seqs[recipient], unread[recipient][::-1]) for recipient in recipients
+            name: Snapshot(last_seqs[name], unread[name][::-1] if len(unread[name]) <= unread_limit else None)
+            for name in recipients
         }
 
     async def behind(self, cursors: Sequence[tuple[str, int]]) -> list[str]:

@@ -61,20 +61,6 @@ class Frame:
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class StartPoint:
-    """Where a stream joins the live rows, and (when known) every unread row up to there, oldest first."""
-
-    seq: int
-    unread: list[Row] | None
-
-
-def start_point(snapshot: Snapshot) -> StartPoint:
-    # A full batch may have been cut short by the query's limit: then the replay reads the table itself.
-    complete = len(snapshot.newest_unread) < NEWCOMER_UNREAD
-    return StartPoint(snapshot.seq, snapshot.newest_unread if complete else None)
-
-
 @dataclass(slots=True)
 class Batch:
     """What the writer sends at once: the bytes, how many message rows they hold, the oldest row's age."""
@@ -111,7 +97,7 @@ class Stream:
     def __init__(self, recipient: str, buffer_bytes: int) -> None:
         self.recipient = recipient
         self.queued_seq = 0  # the highest seq handed to the writer
-        self.start: StartPoint | None = None  # the hub's cursor when the stream joined: replay stops there
+        self.start: Snapshot | None = None  # the hub's cursor when the stream joined: replay stops there
         self.close_reason: CloseReason | None = None
         self._rows = 0  # message rows among the pending frames (the rest are control frames)
         self._oldest_created: float | None = None  # created_at of the oldest pending row
@@ -217,7 +203,7 @@ def _resolve(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
-def _new_future() -> asyncio.Future[StartPoint]:
+def _new_future() -> asyncio.Future[Snapshot]:
     return asyncio.get_running_loop().create_future()
 
 
@@ -225,9 +211,7 @@ def _new_future() -> asyncio.Future[StartPoint]:
 class _Recipient:
     streams: set[Stream] = field(default_factory=set)
     cursor: int | None = None  # the highest seq fetched for this recipient's live streams
-    ready: asyncio.Future[StartPoint] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    ready: asyncio.Future[Snapshot] = field(default_factory=_new_future)
 
 
 class Hub:
@@ -285,13 +269,14 @@ class Hub:
             self._work.set()  # its cursor is read by the fetcher, batched with other newcomers
         stream = Stream(recipient, self._buffer_bytes)
         if entry.cursor is not None:
-            stream.start = StartPoint(entry.cursor, None)
+            stream.start = Snapshot(entry.cursor, None)
         entry.streams.add(stream)
         self.stream_count += 1
         return stream
 
-    async def start_point(self, stream: Stream) -> StartPoint:
-        """The seq up to which this stream must be filled from the table; live rows follow it."""
+    async def start_point(self, stream: Stream) -> Snapshot:
+        """The seq up to which this stream must be filled from the table (live rows follow it), with the
+        unread rows up to it when the hub read them along."""
         if stream.start is None:
             stream.start = await asyncio.shield(self._recipients[stream.recipient].ready)
         return stream.start
@@ -395,9 +380,8 @@ class Hub:
     async def _init_newcomers(self) -> None:
         names, self._newcomers = list(self._newcomers), set()
         for start in range(0, len(names), FETCH_CHUNK):
-            chunk = {
-                name: e for name in names[start : start + FETCH_CHUNK] if (e := self._recipients.get(name))
-            }
+            batch = names[start : start + FETCH_CHUNK]
+            chunk = {name: entry for name in batch if (entry := self._recipients.get(name)) is not None}
             try:
                 snapshots = await self._db.newcomers(list(chunk), NEWCOMER_UNREAD)
             except BaseException:
@@ -407,7 +391,7 @@ class Hub:
                 if self._recipients.get(name) is not entry:
                     continue  # left while we were reading
                 entry.cursor = snapshots[name].seq
-                entry.ready.set_result(start_point(snapshots[name]))  # every stream that waited for it
+                entry.ready.set_result(snapshots[name])  # every stream that waited for it
 
     async def _check_cursors(self) -> None:
         if not self._check_all:

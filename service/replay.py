@@ -63,25 +63,23 @@ async def fill_stream(
         reset_sent = True
     else:
         reset_sent = False
-    if start.unread is not None:
-        # The hub read all the unread rows up to the snapshot with it (the usual case): no query needed.
-        if after is None:
-            if len(start.unread) > replay_limit and not reset_sent:
-                stream.push_control(control_frame("reset", {"reason": "too_many_unread"}))
-            _push(stream, start.unread[-replay_limit:], on_replayed)
-        else:
-            _push(stream, [row for row in start.unread if row.seq > after], on_replayed)
+    if after is not None and start.unread is not None:
+        # The hub read every unread row up to the snapshot along with it (the usual case): no query.
+        _push(stream, [row for row in start.unread if row.seq > after], on_replayed)
         stream.go_live()
         return
     if after is None:
-        # A fresh connect usually has few unread rows: one query for the newest ones settles it.
+        # A fresh connect usually has few unread rows: the hub read them all along with the snapshot, or
+        # one query for the newest ones settles it.
         window = min(replay_limit, REPLAY_PAGE)
-        newest = await _until_answered(
-            stream, partial(db.newest_unread, recipient, snapshot, window + 1), backoff_max
-        )
+        newest = start.unread
         if newest is None:
-            return
-        if len(newest) <= window or replay_limit <= REPLAY_PAGE:
+            newest = await _until_answered(
+                stream, partial(db.newest_unread, recipient, snapshot, window + 1), backoff_max
+            )
+            if newest is None:
+                return
+        if start.unread is not None or len(newest) <= window or replay_limit <= REPLAY_PAGE:
             if len(newest) > replay_limit and not reset_sent:
                 stream.push_control(control_frame("reset", {"reason": "too_many_unread"}))
             _push(stream, newest[-replay_limit:], on_replayed)

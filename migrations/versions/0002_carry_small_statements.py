@@ -28,46 +28,45 @@ UPGRADE = rf"""
 CREATE OR REPLACE FUNCTION pgpush_advance_and_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    payload text;
+    small boolean;
+    names text;
+    carried text;
 BEGIN
-    IF EXISTS (SELECT FROM new_rows OFFSET {CARRY_MAX_ROWS}) THEN
-        WITH latest AS (
-            SELECT recipient, max(seq) AS seq FROM new_rows GROUP BY recipient
-        ), advanced AS (
-            UPDATE message_counters AS c SET last_seq = latest.seq
-            FROM latest WHERE c.recipient = latest.recipient
-            RETURNING c.recipient
-        )
-        SELECT string_agg(recipient, E'\n') INTO payload FROM advanced;
+    small := NOT EXISTS (SELECT FROM new_rows OFFSET {CARRY_MAX_ROWS});
+    -- Every part of one statement sees the counters as they were before its UPDATE: "previous" is each
+    -- recipient's last seq before this statement (its rows hold that recipient's counter lock). Only a
+    -- small statement reads it and builds the rows' lines.
+    WITH latest AS (
+        SELECT recipient, max(seq) AS seq FROM new_rows GROUP BY recipient
+    ), previous AS (
+        SELECT c.recipient, c.last_seq FROM message_counters AS c JOIN latest USING (recipient)
+    ), advanced AS (
+        UPDATE message_counters AS c SET last_seq = latest.seq
+        FROM latest WHERE c.recipient = latest.recipient
+    )
+    SELECT
+        (SELECT string_agg(recipient, E'\n') FROM latest),
+        CASE WHEN small THEN (
+            SELECT string_agg(
+                concat_ws(
+                    E'\t', n.recipient, p.last_seq, n.seq, n.event, extract(epoch FROM n.created_at), n.data
+                ),
+                E'\n' ORDER BY n.seq
+            )
+            FROM new_rows AS n JOIN previous AS p USING (recipient)
+        ) END
+    INTO names, carried;
+    IF names IS NULL THEN
+        RETURN NULL;  -- the statement inserted nothing
+    END IF;
+    -- Rows whole when they fit, else the names alone, else "everyone, re-read".
+    IF octet_length(names) + 1 + coalesce(octet_length(carried), 8000) <= 7900 THEN
+        PERFORM pg_notify('pgpush', names || E'\n' || carried);
+    ELSIF octet_length(names) <= 7900 THEN
+        PERFORM pg_notify('pgpush', names);
     ELSE
-        -- Every part of one statement sees the counters as they were before its UPDATE: "previous" is
-        -- each recipient's last seq before this statement (its rows hold that recipient's counter lock).
-        WITH latest AS (
-            SELECT recipient, max(seq) AS seq FROM new_rows GROUP BY recipient
-        ), previous AS (
-            SELECT c.recipient, c.last_seq FROM message_counters AS c JOIN latest USING (recipient)
-        ), advanced AS (
-            UPDATE message_counters AS c SET last_seq = latest.seq
-            FROM latest WHERE c.recipient = latest.recipient
-        )
-        SELECT (SELECT string_agg(recipient, E'\n') FROM latest) || E'\n' || string_agg(
-            concat_ws(
-                E'\t', n.recipient, p.last_seq, n.seq, n.event, extract(epoch FROM n.created_at), n.data
-            ),
-            E'\n' ORDER BY n.seq
-        ) INTO payload
-        FROM new_rows AS n JOIN previous AS p USING (recipient);
-        IF octet_length(payload) > 7900 THEN
-            SELECT string_agg(DISTINCT recipient, E'\n') INTO payload FROM new_rows;
-        END IF;
+        PERFORM pg_notify('pgpush', '*');
     END IF;
-    IF payload IS NULL THEN
-        RETURN NULL;
-    END IF;
-    IF octet_length(payload) > 7900 THEN
-        payload := '*';
-    END IF;
-    PERFORM pg_notify('pgpush', payload);
     RETURN NULL;
 END
 $$
