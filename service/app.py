@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__
+from service.announcer import Announcer
 from service.api import events, health, inbox, messages, page, tickets
 from service.api.errors import install_error_handlers
 from service.api.limits import BodySizeLimit
@@ -67,6 +68,15 @@ def create_app(settings: Settings) -> FastAPI:
             backoff_max=settings.reconnect_backoff_max_seconds,
         )
         metrics.listener_connected.set_function(lambda: float(listener.connected))
+        announcer = Announcer(
+            settings.listen_database_url or database_url,
+            heard=lambda: listener.notifications,
+            batch_above=settings.notify_batch_above,
+            interval=settings.notify_batch_interval_ms / 1000,
+            backoff_max=settings.reconnect_backoff_max_seconds,
+            on_announced=metrics.statements_announced.inc,
+        )
+        metrics.announcer_awake.set_function(lambda: float(announcer.awake))
         retention = Retention(
             db,
             days=settings.retention_days,
@@ -75,14 +85,17 @@ def create_app(settings: Settings) -> FastAPI:
             batch_rows=settings.retention_batch_rows,
         )
         app.state.db, app.state.hub, app.state.listener = db, hub, listener
-        app.state.retention = retention
+        app.state.retention, app.state.announcer = retention, announcer
         hub.start()
         listener.start()
+        if settings.notify_batch_above > 0:
+            announcer.start()
         retention.start()
         try:
             yield
         finally:
             await retention.stop()
+            await announcer.stop()
             hub.shutdown()
             await listener.stop()
             await hub.stop()

@@ -49,6 +49,16 @@ class Metrics:
         self.notifications = Counter(
             "pgpush_notifications_total", "NOTIFY hints received by the listener", registry=r
         )
+        self.announcer_awake = Gauge(
+            "pgpush_announcer_awake",
+            "1 while this replica's announcer notifies for writers in batches (0: asleep or not elected)",
+            registry=r,
+        )
+        self.statements_announced = Counter(
+            "pgpush_statements_announced_total",
+            "Writers' statements whose notification this replica's announcer sent in a batch",
+            registry=r,
+        )
         self.notification_queue_usage = Gauge(
             "pgpush_notification_queue_usage",
             "Postgres' pg_notification_queue_usage() (0..1), sampled at scrape time",

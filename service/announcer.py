@@ -1,0 +1,197 @@
+"""While writes are fast, one replica notifies for them in batches, so writers skip the NOTIFY lock.
+
+Every notifying commit holds Postgres' cluster-wide NOTIFY lock through its WAL flush and the signalling of
+every listener, so notifying commits queue behind each other (docs/scaling.md). Migration 0003 lets a
+statement hand its recipients to `message_changes` instead while an announcer holds the "awake" lock; the
+announcer then sends one notification per batch (`pgpush_announce()`), a few hundred notifying commits per
+second whatever the write rate.
+
+One replica at a time is the announcer: the others wait on a session advisory lock, idle, on a connection
+of their own. The announcer is asleep (it holds nothing but that lock and runs no query) until the
+notifications its replica hears pass `batch_above` per second. It then takes "awake" and announces every
+`interval`, until the statements it announces fall below half that rate. Going back to sleep, it waits
+for every writer that saw it awake before its last read (migration 0003 explains the handover), so no
+statement's hint is stranded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+from service.db import APPLICATION_NAME, server_settings
+
+log = logging.getLogger("pgpush.announcer")
+
+# Advisory lock keys; migration 0003 holds the same two numbers for writers.
+ANNOUNCER_LOCK_KEY = 0x70677075736805
+AWAKE_LOCK_KEY = 0x70677075736803
+HANDOVER_LOCK_KEY = 0x70677075736804
+
+# How long the announcer waits for a lock before it gives up for now: writers hold their share of a lock
+# only until they commit, so a longer wait means a transaction left open, which must not stall the rest.
+LOCK_WAIT_MS = 200
+
+
+class Announcer:
+    """Runs the announcer's election, sleep and batching loop on a connection of its own."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        heard: Callable[[], int],
+        batch_above: float,
+        interval: float,
+        backoff_max: float,
+        window: float = 1.0,
+        on_announced: Callable[[float], None] | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self._heard = heard
+        self._batch_above = batch_above
+        self._interval = interval
+        self._backoff_max = backoff_max
+        self._window = window  # the rate is judged over windows this long
+        self._on_announced = on_announced
+        self._task: asyncio.Task[None] | None = None
+        self._last_backend_pid: int | None = None
+        self.elected = False
+        self.awake = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pgpush-announcer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn, timeout=5, server_settings=server_settings(APPLICATION_NAME)
+                )
+                await self._end_previous_session(conn)
+                self._last_backend_pid = conn.get_server_pid()
+                await conn.execute("SELECT pg_advisory_lock($1)", ANNOUNCER_LOCK_KEY)
+                self.elected = True
+                backoff = 0.1
+                log.info("this replica is the announcer")
+                await self._settle(conn)  # a previous announcer may have left statements behind
+                await self._lead(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("announcer connection failed: %r; reconnecting in %.1fs", exc, backoff)
+            finally:
+                self.elected = self.awake = False
+                if conn is not None:
+                    conn.terminate()  # the server releases every lock the session held
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max)
+
+    async def _end_previous_session(self, conn: asyncpg.Connection) -> None:
+        """A connection that died without a reset may live on in the server, still holding "awake"."""
+        if self._last_backend_pid is None:
+            return
+        try:
+            await conn.execute("SELECT pg_terminate_backend($1)", self._last_backend_pid)
+        except asyncpg.PostgresError as exc:  # not our role's backend any more, or no right to end it
+            log.info("could not end the previous announcer session: %r", exc)
+
+    async def _lead(self, conn: asyncpg.Connection) -> None:
+        while True:
+            await self._sleep_until_busy()
+            if not await wake(conn):
+                await self._settle(conn)
+                continue
+            self.awake = True
+            log.info("announcer awake: writers hand their notifications over")
+            await self._batch_while_busy(conn)
+            await fall_asleep(conn)
+            self.awake = False
+            await self._settle(conn)
+            log.info("announcer asleep: writers notify for themselves")
+
+    async def _sleep_until_busy(self) -> None:
+        """Return once this replica hears `batch_above` notifications per second (no query meanwhile)."""
+        before = self._heard()
+        while True:
+            await asyncio.sleep(self._window)
+            now = self._heard()
+            if now - before >= self._batch_above * self._window:
+                return
+            before = now
+
+    async def _batch_while_busy(self, conn: asyncpg.Connection) -> None:
+        loop = asyncio.get_running_loop()
+        started, statements = loop.time(), 0
+        while True:
+            statements += await self._announce(conn)
+            now = loop.time()
+            if now - started >= self._window:
+                if statements < self._batch_above / 2 * (now - started):
+                    return
+                started, statements = now, 0
+            await asyncio.sleep(self._interval)
+
+    async def _announce(self, conn: asyncpg.Connection) -> int:
+        statements = await announce(conn)
+        if statements and self._on_announced is not None:
+            self._on_announced(statements)
+        return statements
+
+    async def _settle(self, conn: asyncpg.Connection) -> None:
+        await settle(conn, self._announce)
+
+
+# The handover protocol (migration 0003), one step per function, each on the announcer's connection.
+
+
+async def wake(conn: asyncpg.Connection) -> bool:
+    """Take "awake" (writers hand over from now on); False when writers still held their share of it."""
+    return await _lock_within(conn, "SELECT pg_advisory_lock($1)", AWAKE_LOCK_KEY)
+
+
+async def fall_asleep(conn: asyncpg.Connection) -> None:
+    """Release "awake": writers that start from now on notify for themselves. Then `settle`."""
+    await conn.execute("SELECT pg_advisory_unlock($1)", AWAKE_LOCK_KEY)
+
+
+async def announce(conn: asyncpg.Connection) -> int:
+    """Notify for every statement handed over and committed so far; how many statements that was."""
+    return int(await conn.fetchval("SELECT pgpush_announce()"))
+
+
+async def settle(
+    conn: asyncpg.Connection, announce_step: Callable[[asyncpg.Connection], Awaitable[int]]
+) -> None:
+    """Announce everything handed over, waiting out every writer that may still hand over.
+
+    Exclusive "handover" is granted once no writer holds its share, i.e. every statement that found "awake"
+    taken has committed or rolled back; one that comes later finds "awake" free and notifies. A writer that
+    keeps its transaction open past LOCK_WAIT_MS makes this announce and try again, so the others' hints
+    keep flowing meanwhile.
+    """
+    while True:
+        await announce_step(conn)
+        if await _lock_within(conn, "SELECT pg_advisory_xact_lock($1)", HANDOVER_LOCK_KEY):
+            break
+    await announce_step(conn)
+
+
+async def _lock_within(conn: asyncpg.Connection, query: str, key: int) -> bool:
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = {LOCK_WAIT_MS}")
+            await conn.execute(query, key)
+    except asyncpg.LockNotAvailableError:
+        return False
+    return True
