@@ -8,7 +8,8 @@ Three measurements on a throwaway durable Postgres of its own (never the one on 
    with the pg_notify call taken out) and `messages` (pgpush as migrated). The middle one tells the per-row
    seq work from NOTIFY's cost; `--repeat` keeps each table's best of several runs, the tables taking turns.
 2. **Replicas on the write path.** Single-row inserts into `messages` while 0, 3, 10, 30 connections in
-   another process LISTEN on the channel, as that many replicas' listeners do.
+   another process LISTEN on the channel, as that many replicas' listeners do; writers notifying for
+   themselves, then with the announcer awake.
 3. **The listener.** Notifications/s one `pgpush serve` process consumes and routes: it holds N streams
    while several connections `pg_notify('pgpush', …)` as fast as they can in batches, and its own
    `pgpush_notifications_total` counter and /proc CPU tell what it took in. Three kinds of hint: recipients
@@ -51,6 +52,8 @@ from bench.system import (
     raise_fd_limit,
     sample,
 )
+from service import announcer
+from service.config import Settings
 from service.db import NOTIFY_CHANNEL
 from service.embedded import EmbeddedPostgres
 from service.migrate import migrate
@@ -75,7 +78,9 @@ QUIET_TABLE = [
     "FOR EACH STATEMENT EXECUTE FUNCTION bench_advance_quietly()",
 ]
 NOTIFY_CALL = "PERFORM pg_notify("
-TABLES = ("messages_plain", "messages_quiet", "messages")
+# What writers insert into: the three tables, and `messages` again while an announcer batches (0003).
+BATCHED = "messages, announcer awake"
+TABLES = ("messages_plain", "messages_quiet", "messages", BATCHED)
 SINGLE = "INSERT INTO {table} (recipient, event, data) VALUES ($1, 'bench', $2::jsonb)"
 # Recipients in order, as DESIGN §1 asks of multi-row writers (concurrent statements cannot deadlock).
 MULTI = (
@@ -194,7 +199,8 @@ async def insert_point(
     await pg.reset()
     settings = {"synchronous_commit": commit, "application_name": "pgpush-bench-writer"}
     conns = [await asyncpg.connect(pg.url, server_settings=settings) for _ in range(writers)]
-    query = (SINGLE if rows == 1 else MULTI).format(table=table)
+    batched = table == BATCHED
+    query = (SINGLE if rows == 1 else MULTI).format(table="messages" if batched else table)
     statements = 0
     stop_at = 0.0
 
@@ -207,12 +213,15 @@ async def insert_point(
             statements += 1
 
     try:
-        pg_before, client_before = sample(pg.pids()), sample([os.getpid()])
-        started = time.perf_counter()
-        stop_at = started + seconds
-        await asyncio.gather(*(writer(conn, i) for i, conn in enumerate(conns)))
-        elapsed = time.perf_counter() - started
-        pg_after, client_after = sample(pg.pids()), sample([os.getpid()])
+        async with Announcing(pg.url) if batched else contextlib.nullcontext() as announcing:
+            pg_before, client_before = sample(pg.pids()), sample([os.getpid()])
+            started = time.perf_counter()
+            stop_at = started + seconds
+            await asyncio.gather(*(writer(conn, i) for i, conn in enumerate(conns)))
+            elapsed = time.perf_counter() - started
+            pg_after, client_after = sample(pg.pids()), sample([os.getpid()])
+        if announcing is not None and announcing.statements != statements:
+            raise RuntimeError(f"{statements} statements written, {announcing.statements} announced")
     finally:
         for conn in conns:
             await conn.close()
@@ -226,6 +235,43 @@ async def insert_point(
         cpu_percent(pg_before, pg_after),
         cpu_percent(client_before, client_after),
     )
+
+
+class Announcing:
+    """An announcer held awake for the duration, announcing every PGPUSH_NOTIFY_BATCH_INTERVAL_MS."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.interval = Settings.model_fields["notify_batch_interval_ms"].default / 1000
+        self.statements = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> Announcing:
+        self._conn = await asyncpg.connect(self.url)
+        if not await announcer.wake(self._conn):
+            raise RuntimeError("could not wake the announcer")
+        self._task = asyncio.create_task(self._loop(self._conn))
+        return self
+
+    async def _announce(self, conn: asyncpg.Connection) -> int:
+        found = await announcer.announce(conn)
+        self.statements += found
+        return found
+
+    async def _loop(self, conn: asyncpg.Connection) -> None:
+        while not self._stop.is_set():
+            await self._announce(conn)
+            await asyncio.sleep(self.interval)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._conn is not None and self._task is not None
+        self._stop.set()
+        await self._task
+        await announcer.fall_asleep(self._conn)
+        await announcer.settle(self._conn, self._announce)
+        await self._conn.close()
 
 
 async def best_of(
@@ -260,6 +306,7 @@ REPLICA_WRITERS = 4
 class ReplicaPoint:
     listeners: int
     commit: str
+    table: str  # "messages" (writers notify) or BATCHED
     rows_per_s: float
     pg_cpu: float
     received_share: float  # notifications each listener received / statements committed (1.0: kept up)
@@ -289,49 +336,60 @@ async def replica_points(
 ) -> list[ReplicaPoint]:
     """The write rate with each number of listening connections (each a child process's)."""
     found = []
-    for commit in commits:
-        for count in listeners:
-            print(f"[ceiling] {count} listeners, commit {commit} …", file=sys.stderr)
-            child = await asyncio.create_subprocess_exec(
-                *pinned(
-                    [sys.executable, "-m", "bench.notify_ceiling", "--listen-child", pg.url, str(count)],
-                    SERVER_CPU,
-                ),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+    for commit, count, table in (
+        (commit, count, table) for commit in commits for count in listeners for table in ("messages", BATCHED)
+    ):
+        print(f"[ceiling] {count} listeners, {table}, commit {commit} …", file=sys.stderr)
+        child = await asyncio.create_subprocess_exec(
+            *pinned(
+                [sys.executable, "-m", "bench.notify_ceiling", "--listen-child", pg.url, str(count)],
+                SERVER_CPU,
+            ),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            assert await asyncio.wait_for(child.stdout.readline(), 60) == b"ready\n"
+            point = await insert_point(
+                pg,
+                table=table,
+                writers=REPLICA_WRITERS,
+                rows=1,
+                commit=commit,
+                users=users,
+                seconds=seconds,
             )
-            assert child.stdin is not None and child.stdout is not None
-            try:
-                assert await asyncio.wait_for(child.stdout.readline(), 60) == b"ready\n"
-                point = await insert_point(
-                    pg,
-                    table="messages",
-                    writers=REPLICA_WRITERS,
-                    rows=1,
-                    commit=commit,
-                    users=users,
-                    seconds=seconds,
-                )
-                child.stdin.close()
-                heard = int(await asyncio.wait_for(child.stdout.readline(), 60))
-            finally:
-                if child.returncode is None:
-                    child.kill()
-                await child.wait()
-            statements = point.statements_per_s * seconds
-            share = heard / count / statements if count else 1.0
-            found.append(ReplicaPoint(count, commit, point.rows_per_s, point.pg_cpu, share))
+            child.stdin.close()
+            heard = int(await asyncio.wait_for(child.stdout.readline(), 60))
+        finally:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
+        statements = point.statements_per_s * seconds
+        share = heard / count / statements if count else 1.0
+        found.append(ReplicaPoint(count, commit, table, point.rows_per_s, point.pg_cpu, share))
     return found
 
 
 def replica_table(points: list[ReplicaPoint]) -> str:
     lines = [
-        "| synchronous_commit | listening replicas | pgpush rows/s | Postgres CPU % | heard by each |",
-        "|---|--:|--:|--:|--:|",
+        "| synchronous_commit | listening replicas | pgpush rows/s | Postgres CPU % | heard by each "
+        "| batched rows/s | batched / pgpush | batched Postgres CPU % | batched: heard per statement |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for p in points:
+    by_key = {(p.commit, p.listeners, p.table): p for p in points}
+    for (commit, count, table), p in by_key.items():
+        if table != "messages":
+            continue
+        b = by_key.get((commit, count, BATCHED))
+        batched = "- | - | - | -"
+        if b is not None:
+            gain = b.rows_per_s / p.rows_per_s
+            batched = f"{b.rows_per_s:,.0f} | {gain:.2f} | {b.pg_cpu:.0f} | {b.received_share:.1%}"
         lines.append(
-            f"| {p.commit} | {p.listeners} | {p.rows_per_s:,.0f} | {p.pg_cpu:.0f} | {p.received_share:.0%} |"
+            f"| {commit} | {count} | {p.rows_per_s:,.0f} | {p.pg_cpu:.0f} | {p.received_share:.0%} "
+            f"| {batched} |"
         )
     return "\n".join(lines)
 
@@ -514,20 +572,26 @@ def insert_table(points: list[InsertPoint]) -> str:
     by_key = {(p.commit, p.writers, p.rows_per_statement, p.table): p for p in points}
     lines = [
         "| synchronous_commit | writers | rows/statement | no trigger rows/s | seq trigger, no NOTIFY "
-        "| pgpush rows/s | pgpush / no trigger | pgpush statements/s | Postgres CPU % | client CPU % |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| pgpush rows/s | pgpush / no trigger | pgpush batched rows/s | batched / pgpush "
+        "| pgpush statements/s | Postgres CPU % | batched Postgres CPU % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+
+    def rate(point: InsertPoint | None) -> str:
+        return f"{point.rows_per_s:,.0f}" if point else "-"
+
     for commit, writers, rows, table in list(by_key):
         if table != "messages":
             continue
-        plain, quiet, pushed = (by_key.get((commit, writers, rows, t)) for t in TABLES)
+        plain, quiet, pushed, batched = (by_key.get((commit, writers, rows, t)) for t in TABLES)
         assert pushed is not None
-        plain_rate = f"{plain.rows_per_s:,.0f}" if plain else "-"
-        quiet_rate = f"{quiet.rows_per_s:,.0f}" if quiet else "-"
         ratio = f"{pushed.rows_per_s / plain.rows_per_s:.2f}" if plain else "-"
+        gain = f"{batched.rows_per_s / pushed.rows_per_s:.2f}" if batched else "-"
+        batched_cpu = f"{batched.pg_cpu:.0f}" if batched else "-"
         lines.append(
-            f"| {commit} | {writers} | {rows} | {plain_rate} | {quiet_rate} | {pushed.rows_per_s:,.0f} "
-            f"| {ratio} | {pushed.statements_per_s:,.0f} | {pushed.pg_cpu:.0f} | {pushed.client_cpu:.0f} |"
+            f"| {commit} | {writers} | {rows} | {rate(plain)} | {rate(quiet)} | {rate(pushed)} | {ratio} "
+            f"| {rate(batched)} | {gain} | {pushed.statements_per_s:,.0f} | {pushed.pg_cpu:.0f} "
+            f"| {batched_cpu} |"
         )
     return "\n".join(lines)
 

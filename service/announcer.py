@@ -31,6 +31,10 @@ ANNOUNCER_LOCK_KEY = 0x70677075736805
 AWAKE_LOCK_KEY = 0x70677075736803
 HANDOVER_LOCK_KEY = 0x70677075736804
 
+# Standbys wait for the election lock in one long statement: a role's statement or lock timeout would
+# only make them reconnect over and over.
+ANNOUNCER_SETTINGS = {**server_settings(APPLICATION_NAME), "statement_timeout": "0", "lock_timeout": "0"}
+
 # How long the announcer waits for a lock before it gives up for now: writers hold their share of a lock
 # only until they commit, so a longer wait means a transaction left open, which must not stall the rest.
 LOCK_WAIT_MS = 200
@@ -75,9 +79,7 @@ class Announcer:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(
-                    self._dsn, timeout=5, server_settings=server_settings(APPLICATION_NAME)
-                )
+                conn = await asyncpg.connect(self._dsn, timeout=5, server_settings=ANNOUNCER_SETTINGS)
                 await self._end_previous_session(conn)
                 self._last_backend_pid = conn.get_server_pid()
                 await conn.execute("SELECT pg_advisory_lock($1)", ANNOUNCER_LOCK_KEY)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import httpx
@@ -228,3 +228,37 @@ async def test_the_service_batches_a_busy_stream_and_delivers_everything_once_in
         if line.startswith("pgpush_statements_announced_total ")
     ]
     assert announced > 0, "the announcer never batched"
+
+
+async def test_one_announcer_at_a_time_and_a_standby_announces_what_was_left(
+    database_url: str, db: asyncpg.Connection, heard: Heard
+) -> None:
+    def quiet_announcer() -> announcer.Announcer:
+        return announcer.Announcer(
+            database_url, heard=lambda: 0, batch_above=1000, interval=0.005, backoff_max=0.2
+        )
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():
+                await asyncio.sleep(0.02)
+
+    first, standby = quiet_announcer(), quiet_announcer()
+    first.start()
+    await until(lambda: first.elected)
+    standby.start()
+    try:
+        # A statement handed over to an announcer whose session then died: nobody announced it.
+        dying = await asyncpg.connect(database_url)
+        assert await announcer.wake(dying)
+        await insert(db, "left-behind")
+        await dying.close()
+        assert "left-behind" not in heard.names
+        assert not standby.elected
+
+        await first.stop()
+        await until(lambda: standby.elected)
+        await heard.until_named({"left-behind"})
+    finally:
+        await first.stop()
+        await standby.stop()

@@ -6,11 +6,14 @@ import asyncio
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
+from alembic import command
 
+from service import announcer
+from service.migrate import alembic_config, migrate
 from tests.conftest import with_database
 
 
@@ -158,3 +161,40 @@ async def test_one_notification_per_statement_small_ones_carry_their_rows(db: as
     assert sorted(received[2].split("\n")) == sorted(f"u{n}" for n in range(1, 18))  # too many to carry
     assert received[3] == "*"  # even the names exceed the 8000-byte limit
     assert received[4] == "carol"  # one row too large to carry
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Notifications arrive asynchronously: wait (up to 5 s) for what the test expects."""
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_downgrading_0003_announces_what_was_handed_over_and_upgrading_again_works(
+    empty_database: str,
+) -> None:
+    await asyncio.to_thread(migrate, empty_database)
+    announcer_session, writer = await asyncpg.connect(empty_database), await asyncpg.connect(empty_database)
+    received: list[str] = []
+    try:
+        await writer.add_listener("pgpush", lambda *args: received.append(args[3]))
+        assert await announcer.wake(announcer_session)
+        await writer.execute("INSERT INTO messages (recipient, data) VALUES ('alice', '1')")
+        assert await writer.fetchval("SELECT count(*) FROM message_changes") == 1
+        await announcer_session.close()  # as if the announcer died: nobody will announce 'alice'
+
+        await asyncio.to_thread(command.downgrade, alembic_config(empty_database), "0002")
+        assert await writer.fetchval("SELECT to_regclass('message_changes')") is None
+        await writer.execute("INSERT INTO messages (recipient, data) VALUES ('bob', '2')")
+        await until(lambda: len(received) == 2)
+        assert received[0] == "*"  # the handed-over statement, as "everyone, re-read"
+        assert received[1].startswith("bob\nbob\t")  # 0002's notification, with its row
+
+        await asyncio.to_thread(migrate, empty_database)
+        await writer.execute("INSERT INTO messages (recipient, data) VALUES ('carol', '3')")
+        await until(lambda: len(received) == 3)
+        assert received[2].startswith("carol\ncarol\t")
+    finally:
+        await writer.close()
+        if not announcer_session.is_closed():
+            await announcer_session.close()
