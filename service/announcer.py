@@ -35,6 +35,10 @@ HANDOVER_LOCK_KEY = 0x70677075736804
 # only make them reconnect over and over.
 ANNOUNCER_SETTINGS = {**server_settings(APPLICATION_NAME), "statement_timeout": "0", "lock_timeout": "0"}
 
+# A session is its pid and start time: a pid alone may since belong to another backend.
+THIS_SESSION = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+END_SESSION = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"
+
 # How long the announcer waits for a lock before it gives up for now: writers hold their share of a lock
 # only until they commit, so a longer wait means a transaction left open, which must not stall the rest.
 LOCK_WAIT_MS = 200
@@ -62,7 +66,7 @@ class Announcer:
         self._window = window  # the rate is judged over windows this long
         self._on_announced = on_announced
         self._task: asyncio.Task[None] | None = None
-        self._last_backend_pid: int | None = None
+        self._last_session: asyncpg.Record | None = None
         self.elected = False
         self.awake = False
 
@@ -81,7 +85,7 @@ class Announcer:
             try:
                 conn = await asyncpg.connect(self._dsn, timeout=5, server_settings=ANNOUNCER_SETTINGS)
                 await self._end_previous_session(conn)
-                self._last_backend_pid = conn.get_server_pid()
+                self._last_session = await conn.fetchrow(THIS_SESSION)
                 await conn.execute("SELECT pg_advisory_lock($1)", ANNOUNCER_LOCK_KEY)
                 self.elected = True
                 backoff = 0.1
@@ -101,11 +105,11 @@ class Announcer:
 
     async def _end_previous_session(self, conn: asyncpg.Connection) -> None:
         """A connection that died without a reset may live on in the server, still holding "awake"."""
-        if self._last_backend_pid is None:
+        if self._last_session is None:
             return
         try:
-            await conn.execute("SELECT pg_terminate_backend($1)", self._last_backend_pid)
-        except asyncpg.PostgresError as exc:  # not our role's backend any more, or no right to end it
+            await end_session(conn, self._last_session)
+        except asyncpg.PostgresError as exc:  # no right to end it: it ends when its keepalives fail
             log.info("could not end the previous announcer session: %r", exc)
 
     async def _lead(self, conn: asyncpg.Connection) -> None:
@@ -187,6 +191,11 @@ async def settle(
         if await _lock_within(conn, "SELECT pg_advisory_xact_lock($1)", HANDOVER_LOCK_KEY):
             break
     await announce_step(conn)
+
+
+async def end_session(conn: asyncpg.Connection, session: asyncpg.Record) -> None:
+    """End the server side of a session read with THIS_SESSION, if it is still the same session."""
+    await conn.execute(END_SESSION, session["pid"], session["backend_start"])
 
 
 async def _lock_within(conn: asyncpg.Connection, query: str, key: int) -> bool:

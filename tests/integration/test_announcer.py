@@ -124,8 +124,8 @@ async def test_falling_asleep_waits_for_a_writer_that_saw_it_awake(
         assert not settling.done(), "settled while a statement that saw the announcer awake was open"
 
         await slow_tx.commit()
-        await settling
-        assert "slow" in heard.names
+        await settling  # its announcement is sent; the listening connection hears it a moment later
+        await heard.until_named({"slow"})
         assert await db.fetchval("SELECT count(*) FROM message_changes") == 0
     finally:
         await slow.close()
@@ -145,7 +145,7 @@ async def test_a_wake_that_times_out_leaves_nothing_stranded(
         await insert(db, "during")  # the waiting announcer counts as awake: this one hands over
         assert not await waking
         await announcer.settle(announcer_conn, announcer.announce)
-        assert "during" in heard.names
+        await heard.until_named({"during"})
 
         await open_tx.commit()
         await heard.until_named({"open"})
@@ -262,3 +262,28 @@ async def test_one_announcer_at_a_time_and_a_standby_announces_what_was_left(
     finally:
         await first.stop()
         await standby.stop()
+
+
+async def test_ending_a_previous_session_ends_that_one_and_not_a_reused_pid(database_url: str) -> None:
+    """A session cut off without a reset may live on in the server, holding "awake" for nobody."""
+    previous, bystander, admin = [await asyncpg.connect(database_url) for _ in range(3)]
+    try:
+        assert await announcer.wake(previous)
+        session = await previous.fetchrow(announcer.THIS_SESSION)
+        # The bystander's pid with another start time: what a pid since reused looks like. Left alone.
+        reused = await bystander.fetchrow(
+            "SELECT pid, backend_start - interval '1 second' AS backend_start "
+            "FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        await announcer.end_session(admin, reused)
+        assert await bystander.fetchval("SELECT 1") == 1
+
+        await announcer.end_session(admin, session)
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
+        async with asyncio.timeout(5):
+            while await admin.fetchval(alive, session["pid"]):
+                await asyncio.sleep(0.02)
+        assert await announcer.wake(admin), '"awake" was still held by the ended session'
+    finally:
+        for conn in (previous, bystander, admin):
+            conn.terminate()

@@ -5,6 +5,9 @@ written with plain SQL reach each client exactly once whichever replica holds it
 SIGKILL mid-stream sends its clients, with their Last-Event-ID, through nginx to the others; a rolling
 restart under load (SIGTERM, start again on the same port, wait for /readyz, next) loses and duplicates
 nothing. The ledger counts every row sent and every event received.
+
+It runs twice: with writers notifying for themselves (the default), and with batched notifications on,
+where the replica killed is the announcer while it is awake, holding the writers' notifications.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ WRITERS = 3
 JITTER_MS = 500  # PGPUSH_SHUTDOWN_JITTER_MS: the drained clients come back within half a second
 CLIENT_MAX_DELAY = 1.0  # the clients' own cap on `retry:` (3 s by default), to keep the test short
 SETTINGS = {"host": HOST, "shutdown_jitter_ms": JITTER_MS, "log_level": "warning"}
+# The writers' few hundred statements per second keep a replica's announcer awake at this threshold.
+BATCHED = {"notify_batch_above": 50}
 
 
 @pytest.fixture
@@ -48,15 +53,18 @@ def nginx_binary() -> str:
 class Cluster:
     """The replicas (by slot: a restarted one takes its slot and port) and the nginx in front of them."""
 
-    def __init__(self, database_url: str, nginx_binary: str, prefix: Path) -> None:
+    def __init__(
+        self, database_url: str, nginx_binary: str, prefix: Path, settings: dict[str, object]
+    ) -> None:
         self.database_url = database_url
+        self.settings = settings
         self.ports = [free_port() for _ in range(REPLICAS)]
         self.replicas = [self._spawn(port) for port in self.ports]
         self.retired: list[ServerProcess] = []
         self.nginx = Nginx(nginx_binary, prefix, free_port(), self.ports)
 
     def _spawn(self, port: int) -> ServerProcess:
-        return ServerProcess(self.database_url, port=port, **SETTINGS)
+        return ServerProcess(self.database_url, port=port, **self.settings)
 
     async def ready(self) -> None:
         await asyncio.gather(self.nginx.ready(), *(replica.ready() for replica in self.replicas))
@@ -85,10 +93,24 @@ class Cluster:
         for replica in self.replicas:
             await replica.stop()
 
+    async def awake_announcer(self) -> int | None:
+        """The slot of the replica whose announcer is batching, if one is."""
+        for slot, replica in enumerate(self.replicas):
+            if await replica.metric("pgpush_announcer_awake") == 1:
+                return slot
+        return None
+
+
+@pytest.fixture(params=[False, True], ids=["writers-notify", "batched"])
+def batched(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
 
 @pytest.fixture
-async def cluster(database_url: str, nginx_binary: str, tmp_path: Path) -> AsyncIterator[Cluster]:
-    running = Cluster(database_url, nginx_binary, tmp_path)
+async def cluster(
+    database_url: str, nginx_binary: str, tmp_path: Path, batched: bool
+) -> AsyncIterator[Cluster]:
+    running = Cluster(database_url, nginx_binary, tmp_path, {**SETTINGS, **(BATCHED if batched else {})})
     try:
         await running.ready()
         yield running
@@ -98,7 +120,7 @@ async def cluster(database_url: str, nginx_binary: str, tmp_path: Path) -> Async
 
 @pytest.mark.timeout(90)
 async def test_three_replicas_behind_nginx_deliver_each_row_once_through_a_kill_and_a_rolling_restart(
-    cluster: Cluster, database_url: str, db: asyncpg.Connection
+    cluster: Cluster, database_url: str, db: asyncpg.Connection, batched: bool
 ) -> None:
     users = [f"user{u:03d}" for u in range(USERS)]
     ledger = Ledger()
@@ -147,6 +169,16 @@ async def test_three_replicas_behind_nginx_deliver_each_row_once_through_a_kill_
         ]
         await asyncio.sleep(1)
         victim = 0
+        if batched:
+            awake: list[int] = []
+
+            async def announcing() -> bool:
+                slot = await cluster.awake_announcer()
+                awake[:] = [] if slot is None else [slot]
+                return bool(awake)
+
+            await poll(announcing, within=15, what="a replica's announcer batches the writers' notifications")
+            victim = awake[0]
         doomed = (await cluster.streams())[victim]
         before = [len(c.connections) for c in clients]
         await cluster.kill(victim)
@@ -180,7 +212,8 @@ async def test_three_replicas_behind_nginx_deliver_each_row_once_through_a_kill_
     tally = ledger.assert_exact()
     reconnects = sum(len(c.connections) - 1 for c in clients)
     print(
-        f"\n{REPLICAS} replicas behind nginx, {everyone} clients: {tally}; {written} rows from the writers; "
+        f"\n{REPLICAS} replicas behind nginx{', batched' if batched else ''}, {everyone} clients: {tally}; "
+        f"{written} rows from the writers; "
         f"spread {spread}; {doomed} clients moved off the killed replica; {reconnects} reconnections"
     )
     assert tally.received == tally.expected == (USERS * ROWS_PER_USER + written) * CLIENTS_PER_USER
