@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from service.background import BackgroundTask
 from service.db import APPLICATION_NAME, server_settings
 
 log = logging.getLogger("pgpush.announcer")
@@ -44,8 +45,10 @@ END_SESSION = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid 
 LOCK_WAIT_MS = 200
 
 
-class Announcer:
+class Announcer(BackgroundTask):
     """Runs the announcer's election, sleep and batching loop on a connection of its own."""
+
+    task_name = "pgpush-announcer"
 
     def __init__(
         self,
@@ -65,18 +68,9 @@ class Announcer:
         self._backoff_max = backoff_max
         self._window = window  # the rate is judged over windows this long
         self._on_announced = on_announced
-        self._task: asyncio.Task[None] | None = None
         self._last_session: asyncpg.Record | None = None
         self.elected = False
         self.awake = False
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="pgpush-announcer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         backoff = 0.1

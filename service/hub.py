@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from service.background import BackgroundTask
 from service.db import UNAVAILABLE_ERRORS, Database, NewRow, Row, Snapshot
 from service.hints import CarriedRow, Hint
 from service.sse import compact_json, message_frame
@@ -214,8 +215,10 @@ class _Recipient:
     ready: asyncio.Future[Snapshot] = field(default_factory=_new_future)
 
 
-class Hub:
+class Hub(BackgroundTask):
     """The registry of live streams and the single task that reads new rows for them."""
+
+    task_name = "pgpush-hub"
 
     def __init__(
         self,
@@ -234,7 +237,6 @@ class Hub:
         self._newcomers: set[str] = set()  # recipients whose cursor is still to be read
         self._check_all = False  # compare every live recipient's counter with its cursor
         self._work = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._max_streams = max_streams
         self._max_per_user = max_streams_per_user
         self._buffer_bytes = buffer_bytes
@@ -243,14 +245,6 @@ class Hub:
         self._on_carried = on_carried
         self.stream_count = 0
         self._closing = False
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="pgpush-hub")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     # --- streams -------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from service.background import BackgroundTask
 from service.db import LISTENER_APPLICATION_NAME, NOTIFY_CHANNEL, server_settings
 from service.hints import Hint, parse_hint
 
@@ -22,8 +23,10 @@ log = logging.getLogger("pgpush.listener")
 HintHandler = Callable[[Hint], None]
 
 
-class Listener:
+class Listener(BackgroundTask):
     """Holds the LISTEN connection and turns notifications into hub hints."""
+
+    task_name = "pgpush-listener"
 
     def __init__(
         self,
@@ -49,18 +52,9 @@ class Listener:
         self._probe_channel = f"pgpush_probe_{uuid.uuid4().hex[:12]}"
         self._probe_waiter: asyncio.Future[None] | None = None
         self._lost: asyncio.Event = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.notifications = 0
         self.backend_pid: int | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="pgpush-listener")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         backoff = 0.1

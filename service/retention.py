@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from service.background import BackgroundTask
 from service.db import UNAVAILABLE_ERRORS, Database
 
 log = logging.getLogger("pgpush.retention")
@@ -28,8 +29,10 @@ class RetentionResult:
     over_cap: int = 0
 
 
-class Retention:
+class Retention(BackgroundTask):
     """Runs `run_once` every interval, starting after a random fraction of it (replicas do not align)."""
+
+    task_name = "pgpush-retention"
 
     def __init__(
         self,
@@ -45,15 +48,6 @@ class Retention:
         self._cap = max_unread_per_user
         self._interval = interval
         self._batch = batch_rows
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="pgpush-retention")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         await asyncio.sleep(self._interval * random.uniform(0.1, 1.0))

@@ -37,21 +37,31 @@ CREATE UNLOGGED TABLE message_changes (
 )
 """
 
-ADVANCE = rf"""
-CREATE OR REPLACE FUNCTION pgpush_advance_and_notify() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    batched boolean;
-    small boolean;
-    names text;
-    carried text;
-BEGIN
-    -- Share mode on "awake" fails while the announcer holds it (or waits for it): hand over instead.
+# Writers' half of the handover: share mode on "awake" fails while the announcer holds it (or waits for it).
+TAKE_HANDOVER_LOCKS = f"""
     batched := NOT pg_try_advisory_xact_lock_shared({AWAKE_LOCK_KEY});
     IF batched THEN
         PERFORM pg_advisory_xact_lock_shared({HANDOVER_LOCK_KEY});
         batched := NOT pg_try_advisory_xact_lock_shared({AWAKE_LOCK_KEY});
-    END IF;
+    END IF;"""
+HAND_OVER = """
+    IF batched THEN
+        INSERT INTO message_changes (recipients) VALUES (names);
+        RETURN NULL;
+    END IF;"""
+
+
+def advance_function(*, handover: bool) -> str:
+    """pgpush_advance_and_notify(): 0002's, plus this revision's handover when `handover` is true."""
+    return rf"""
+CREATE OR REPLACE FUNCTION pgpush_advance_and_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    batched boolean := false;
+    small boolean;
+    names text;
+    carried text;
+BEGIN{TAKE_HANDOVER_LOCKS if handover else ""}
     small := NOT batched AND NOT EXISTS (SELECT FROM new_rows OFFSET {CARRY_MAX_ROWS});
     -- Every part of one statement sees the counters as they were before its UPDATE: "previous" is each
     -- recipient's last seq before this statement (its rows hold that recipient's counter lock). Only a
@@ -78,11 +88,7 @@ BEGIN
     INTO names, carried;
     IF names IS NULL THEN
         RETURN NULL;  -- the statement inserted nothing
-    END IF;
-    IF batched THEN
-        INSERT INTO message_changes (recipients) VALUES (names);
-        RETURN NULL;
-    END IF;
+    END IF;{HAND_OVER if handover else ""}
     -- Rows whole when they fit, else the names alone, else "everyone, re-read".
     IF octet_length(names) + 1 + coalesce(octet_length(carried), 8000) <= 7900 THEN
         PERFORM pg_notify('pgpush', names || E'\n' || carried);
@@ -95,6 +101,7 @@ BEGIN
 END
 $$
 """
+
 
 # The announcer's one round trip per batch: take every collected statement, notify their distinct
 # recipients in payloads under the 8000-byte limit, and say how many statements that was. Its commit need
@@ -133,61 +140,16 @@ END
 $$
 """
 
-# 0002's function, as it was.
-DOWNGRADE_ADVANCE = rf"""
-CREATE OR REPLACE FUNCTION pgpush_advance_and_notify() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    small boolean;
-    names text;
-    carried text;
-BEGIN
-    small := NOT EXISTS (SELECT FROM new_rows OFFSET {CARRY_MAX_ROWS});
-    WITH latest AS (
-        SELECT recipient, max(seq) AS seq FROM new_rows GROUP BY recipient
-    ), previous AS (
-        SELECT c.recipient, c.last_seq FROM message_counters AS c JOIN latest USING (recipient)
-    ), advanced AS (
-        UPDATE message_counters AS c SET last_seq = latest.seq
-        FROM latest WHERE c.recipient = latest.recipient
-    )
-    SELECT
-        (SELECT string_agg(recipient, E'\n') FROM latest),
-        CASE WHEN small THEN (
-            SELECT string_agg(
-                concat_ws(
-                    E'\t', n.recipient, p.last_seq, n.seq, n.event, extract(epoch FROM n.created_at), n.data
-                ),
-                E'\n' ORDER BY n.seq
-            )
-            FROM new_rows AS n JOIN previous AS p USING (recipient)
-        ) END
-    INTO names, carried;
-    IF names IS NULL THEN
-        RETURN NULL;
-    END IF;
-    IF octet_length(names) + 1 + coalesce(octet_length(carried), 8000) <= 7900 THEN
-        PERFORM pg_notify('pgpush', names || E'\n' || carried);
-    ELSIF octet_length(names) <= 7900 THEN
-        PERFORM pg_notify('pgpush', names);
-    ELSE
-        PERFORM pg_notify('pgpush', '*');
-    END IF;
-    RETURN NULL;
-END
-$$
-"""
-
 
 def upgrade() -> None:
     op.execute(CHANGES_TABLE)
-    op.execute(ADVANCE)
+    op.execute(advance_function(handover=True))
     op.execute(ANNOUNCE)
 
 
 def downgrade() -> None:
     # Statements handed over and not yet announced become one "everyone, re-read" hint.
     op.execute("SELECT pg_notify('pgpush', '*') FROM message_changes LIMIT 1")
-    op.execute(DOWNGRADE_ADVANCE)
+    op.execute(advance_function(handover=False))
     op.execute("DROP FUNCTION pgpush_announce()")
     op.execute("DROP TABLE message_changes")
