@@ -309,7 +309,8 @@ class ReplicaPoint:
     table: str  # "messages" (writers notify) or BATCHED
     rows_per_s: float
     pg_cpu: float
-    received_share: float  # notifications each listener received / statements committed (1.0: kept up)
+    # Notifications each listener received / statements committed (1.0: kept up); None with no listener.
+    received_share: float | None
 
 
 async def _listen_child(url: str, count: int) -> None:
@@ -367,9 +368,13 @@ async def replica_points(
                 child.kill()
             await child.wait()
         statements = point.statements_per_s * seconds
-        share = heard / count / statements if count else 1.0
+        share = heard / count / statements if count else None
         found.append(ReplicaPoint(count, commit, table, point.rows_per_s, point.pg_cpu, share))
     return found
+
+
+def percent(share: float | None, decimals: int) -> str:
+    return "-" if share is None else f"{share:.{decimals}%}"
 
 
 def replica_table(points: list[ReplicaPoint]) -> str:
@@ -386,9 +391,9 @@ def replica_table(points: list[ReplicaPoint]) -> str:
         batched = "- | - | - | -"
         if b is not None:
             gain = b.rows_per_s / p.rows_per_s
-            batched = f"{b.rows_per_s:,.0f} | {gain:.2f} | {b.pg_cpu:.0f} | {b.received_share:.1%}"
+            batched = f"{b.rows_per_s:,.0f} | {gain:.2f} | {b.pg_cpu:.0f} | {percent(b.received_share, 1)}"
         lines.append(
-            f"| {commit} | {count} | {p.rows_per_s:,.0f} | {p.pg_cpu:.0f} | {p.received_share:.0%} "
+            f"| {commit} | {count} | {p.rows_per_s:,.0f} | {p.pg_cpu:.0f} | {percent(p.received_share, 0)} "
             f"| {batched} |"
         )
     return "\n".join(lines)
