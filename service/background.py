@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 
-class BackgroundTask:
+class BackgroundTask(ABC):
     """Runs `_run` as one task from `start()` until `stop()` cancels it and waits for it to end."""
 
-    task_name = "pgpush-task"
+    task_name: ClassVar[str]  # so a task dump or asyncio debug output says which part it is
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -19,5 +21,5 @@ class BackgroundTask:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _run(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def _run(self) -> None: ...
