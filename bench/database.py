@@ -13,10 +13,10 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from pgpush.embedded import EmbeddedPostgres
+from pgpush.migrate import migrate
 
 from bench.system import CLIENT_CPU, pin_pid
-from service.embedded import EmbeddedPostgres
-from service.migrate import migrate
 
 BENCH_DB = "pgpush_bench"
 STAMP = "jsonb_build_object('t', extract(epoch FROM clock_timestamp()) * 1000)"

@@ -36,6 +36,11 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+from pgpush import announcer
+from pgpush.config import Settings
+from pgpush.db import NOTIFY_CHANNEL
+from pgpush.embedded import EmbeddedPostgres
+from pgpush.migrate import migrate
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import targets as targets_mod
@@ -52,11 +57,6 @@ from bench.system import (
     raise_fd_limit,
     sample,
 )
-from service import announcer
-from service.config import Settings
-from service.db import NOTIFY_CHANNEL
-from service.embedded import EmbeddedPostgres
-from service.migrate import migrate
 
 DATABASE = "pgpush_ceiling"
 DATA = '{"company": "ACME", "phone": "+1 555 0100"}'

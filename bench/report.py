@@ -61,7 +61,7 @@ def table(results: Sequence[Result], targets: Sequence[str]) -> str:
 METHOD = """## Method
 
 - The server under test runs alone on core 0 (`taskset -c 0`); the load generator, the writers and the
-  bench's own Postgres (a durable throwaway cluster, `service.embedded.EmbeddedPostgres`) share core 1.
+  bench's own Postgres (a durable throwaway cluster, `pgpush.embedded.EmbeddedPostgres`) share core 1.
 - The load generator (`bench/loadgen.py`) is a separate uvloop process speaking raw HTTP/1.1 over asyncio
   Protocols; its CPU is reported as `client_cpu_pct` (near 100 % means the client, not the server, bounds
   the delivered rate).

@@ -4,7 +4,7 @@ N clients hang up at random and reconnect with their Last-Event-ID (as EventSour
 at a chosen rate, and the listening backend is killed at random. At the end every client must hold exactly
 the rows of its user (the table is the truth), in order, once. Prints the counts; exits 1 on any loss.
 
-By default it starts its own Postgres (service.embedded, in a temporary folder) and its own `pgpush serve`;
+By default it starts its own Postgres (pgpush.embedded, in a temporary folder) and its own `pgpush serve`;
 `--database-url` uses an existing, migrated database instead, and `--url` (with `--database-url` and
 `--jwt-secret`) an already running server.
 
@@ -34,11 +34,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
+from pgpush.auth import mint_token
+from pgpush.db import UNAVAILABLE_ERRORS
+from pgpush.embedded import EmbeddedPostgres
+from pgpush.migrate import migrate
 
-from service.auth import mint_token
-from service.db import UNAVAILABLE_ERRORS
-from service.embedded import EmbeddedPostgres
-from service.migrate import migrate
 from tests.faults.client import ResumingClient, wait_until
 from tests.faults.ledger import Ledger, Tally
 from tests.faults.writers import INSERT_KEYED, SEQS_OF_KEY, committed
@@ -149,10 +149,10 @@ async def server(args: argparse.Namespace, database_url: str) -> AsyncIterator[t
 
 
 def _spawn_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
-    """`python -m service serve` with its log in a temporary file (kept only if something goes wrong)."""
+    """`python -m pgpush serve` with its log in a temporary file (kept only if something goes wrong)."""
     with tempfile.NamedTemporaryFile("w+", prefix="pgpush-soak-server-", suffix=".log", delete=False) as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=log
+            [sys.executable, "-m", "pgpush", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=log
         )
     return process, Path(log.name)
 

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pgpush.auth import mint_token
+
 from bench.system import CLIENT_CPU, SERVER_CPU, children, pinned
-from service.auth import mint_token
 
 ALL_TARGETS = ("pgpush", "nchan", "tutorial", "straightforward", "raw")
 JWT_SECRET = "bench-secret-bench-secret-bench-secret-0123"
@@ -126,7 +127,7 @@ async def start(name: str, database_url: str, *, pin: bool = True) -> Target:
                 "PGPUSH_MAX_STREAMS": "100000",
                 "PGPUSH_LOG_LEVEL": "warning",
             }
-            launch([sys.executable, "-m", "service", "serve"], env, server_cpu)
+            launch([sys.executable, "-m", "pgpush", "serve"], env, server_cpu)
             await _wait_ready(target, "/readyz", {200})
         elif name in PYTHON_PEERS:
             command = [sys.executable, "-m", "uvicorn", PYTHON_PEERS[name], "--host", "127.0.0.1"]

@@ -1,5 +1,5 @@
-"""`python -m service` is `pgpush`."""
+"""`python -m pgpush` is the `pgpush` command."""
 
-from service.cli import main
+from .cli import main
 
 raise SystemExit(main())

@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from service.background import BackgroundTask
-from service.db import APPLICATION_NAME, server_settings
+from .background import BackgroundTask
+from .db import APPLICATION_NAME, server_settings
 
 log = logging.getLogger("pgpush.announcer")
 

@@ -13,20 +13,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import __version__
-from service.announcer import Announcer
-from service.api import events, health, inbox, messages, page, tickets
-from service.api.errors import install_error_handlers
-from service.api.limits import BodySizeLimit
-from service.auth import TokenVerifier
-from service.config import Settings
-from service.db import Database
-from service.hints import Hint
-from service.hub import Hub
-from service.listener import Listener
-from service.metrics import Metrics
-from service.migrate import migrate
-from service.retention import Retention
+from . import __version__
+from .announcer import Announcer
+from .api import events, health, inbox, messages, page, tickets
+from .api.errors import install_error_handlers
+from .api.limits import BodySizeLimit
+from .auth import TokenVerifier
+from .config import Settings
+from .db import Database
+from .hints import Hint
+from .hub import Hub
+from .listener import Listener
+from .metrics import Metrics
+from .migrate import migrate
+from .retention import Retention
 
 STATIC_DIR = Path(__file__).parent / "static"
 

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jwt.algorithms import get_default_algorithms
 
-from service.config import Settings
-from service.jwks import JwksCache
+from .config import Settings
+from .jwks import JwksCache
 
 PUBLISH_SCOPE = "messages:publish"
 MAX_SUBJECT_LENGTH = 256

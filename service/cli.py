@@ -20,11 +20,11 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr, ValidationError
 
-from service.auth import mint_token
-from service.config import Settings
-from service.http_protocol import guarded_protocol
-from service.logs import configure_logging
-from service.migrate import migrate
+from .auth import mint_token
+from .config import Settings
+from .http_protocol import guarded_protocol
+from .logs import configure_logging
+from .migrate import migrate
 
 log = logging.getLogger("pgpush")
 
@@ -121,8 +121,8 @@ def _tune_garbage_collector() -> None:
 
 
 def cmd_serve(_args: argparse.Namespace) -> int:
-    from service.app import create_app
-    from service.embedded import EmbeddedPostgres
+    from .app import create_app
+    from .embedded import EmbeddedPostgres
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -167,7 +167,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_level)
     if settings.database_url is None:
-        from service.embedded import EmbeddedPostgres
+        from .embedded import EmbeddedPostgres
 
         with EmbeddedPostgres(settings.data_dir.resolve() / "pgdata") as pg:
             migrate(pg.url)
@@ -185,14 +185,14 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_openapi(_args: argparse.Namespace) -> int:
-    from service.openapi import build_spec
+    from .openapi import build_spec
 
     print(json.dumps(build_spec(), indent=2, ensure_ascii=False))
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from service.publish import PublishOptions, run
+    from .publish import PublishOptions, run
 
     # Through the API no local settings are needed (nor may they be complete on the publishing machine).
     settings = None if args.url else load_settings()

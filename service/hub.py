@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from service.background import BackgroundTask
-from service.db import UNAVAILABLE_ERRORS, Database, NewRow, Row, Snapshot
-from service.hints import CarriedRow, Hint
-from service.sse import compact_json, message_frame
+from .background import BackgroundTask
+from .db import UNAVAILABLE_ERRORS, Database, NewRow, Row, Snapshot
+from .hints import CarriedRow, Hint
+from .sse import compact_json, message_frame
 
 log = logging.getLogger("pgpush.hub")
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import asyncpg
 
-from service.background import BackgroundTask
-from service.db import LISTENER_APPLICATION_NAME, NOTIFY_CHANNEL, server_settings
-from service.hints import Hint, parse_hint
+from .background import BackgroundTask
+from .db import LISTENER_APPLICATION_NAME, NOTIFY_CHANNEL, server_settings
+from .hints import Hint, parse_hint
 
 log = logging.getLogger("pgpush.listener")
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from service.app import create_app
-from service.config import Settings
+from .app import create_app
+from .config import Settings
 
 # Placeholders only: building the spec needs an app object, never a database or a real key.
 _SPEC_SETTINGS = {"database_url": "postgresql://spec@localhost/spec", "jwt_secret": SecretStr("s" * 32)}

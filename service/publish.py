@@ -24,10 +24,10 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from service.api.messages import PublishRequest
-from service.config import Settings
-from service.db import Database, DatabaseUnavailable, IdempotencyConflict, InvalidMessage
-from service.migrate import migrate
+from .api.messages import PublishRequest
+from .config import Settings
+from .db import Database, DatabaseUnavailable, IdempotencyConflict, InvalidMessage
+from .migrate import migrate
 
 log = logging.getLogger("pgpush.publish")
 T = TypeVar("T")
@@ -372,7 +372,7 @@ def run(options: PublishOptions, settings: Settings | None) -> int:
 
 def _through_embedded(options: PublishOptions, settings: Settings, data: str | None) -> None:
     """The development database of `pgpush serve`; stopped afterwards only if this command started it."""
-    from service.embedded import EmbeddedPostgres
+    from .embedded import EmbeddedPostgres
 
     pgdata = settings.data_dir.resolve() / "pgdata"
     embedded = EmbeddedPostgres(pgdata)

@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
-from service.db import UNAVAILABLE_ERRORS, Database, Row
-from service.hub import Hub, Stream, encode_row
-from service.sse import control_frame
+from .db import UNAVAILABLE_ERRORS, Database, Row
+from .hub import Hub, Stream, encode_row
+from .sse import control_frame
 
 log = logging.getLogger("pgpush.replay")
 T = TypeVar("T")

@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from service.background import BackgroundTask
-from service.db import UNAVAILABLE_ERRORS, Database
+from .background import BackgroundTask
+from .db import UNAVAILABLE_ERRORS, Database
 
 log = logging.getLogger("pgpush.retention")
 

@@ -23,12 +23,11 @@ import jwt
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from pgpush.app import create_app
+from pgpush.config import Settings
+from pgpush.embedded import EmbeddedPostgres
+from pgpush.migrate import migrate
 from pydantic import SecretStr
-
-from service.app import create_app
-from service.config import Settings
-from service.embedded import EmbeddedPostgres
-from service.migrate import migrate
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256!"
 

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """One `python -m service serve`; settings are PGPUSH_* names without the prefix, lowercase.
+    """One `python -m pgpush serve`; settings are PGPUSH_* names without the prefix, lowercase.
 
     With no database URL the process runs in development mode: its own embedded Postgres and JWT secret.
     """
@@ -41,7 +41,7 @@ class ServerProcess:
             env |= {"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": JWT_SECRET}
         env |= {f"PGPUSH_{name.upper()}": str(value) for name, value in settings.items()}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
+            [sys.executable, "-m", "pgpush", "serve"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

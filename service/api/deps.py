@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPBearer
 
-from service.api.errors import ApiError
-from service.auth import PUBLISH_SCOPE, AuthError, AuthUnavailableError, Principal, TokenVerifier
+from ..auth import PUBLISH_SCOPE, AuthError, AuthUnavailableError, Principal, TokenVerifier
+from .errors import ApiError
 
 TOKEN_COOKIE = "pgpush_token"
 

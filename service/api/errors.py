@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.db import DatabaseUnavailable
+from ..db import DatabaseUnavailable
 
 log = logging.getLogger("pgpush.api")
 

@@ -11,14 +11,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.types import Message, Receive, Scope, Send
 
-from service.api.deps import StreamUser, stream_user
-from service.api.errors import ApiError, api_error_response, error_response, error_responses
-from service.auth import Principal
-from service.config import Settings
-from service.hub import CloseReason, Hub, Stream, StreamLimitError
-from service.metrics import Metrics
-from service.replay import fill_stream
-from service.sse import PING, CursorError, control_frame, parse_cursor, retry_frame
+from ..auth import Principal
+from ..config import Settings
+from ..hub import CloseReason, Hub, Stream, StreamLimitError
+from ..metrics import Metrics
+from ..replay import fill_stream
+from ..sse import PING, CursorError, control_frame, parse_cursor, retry_frame
+from .deps import StreamUser, stream_user
+from .errors import ApiError, api_error_response, error_response, error_responses
 
 log = logging.getLogger("pgpush.stream")
 router = APIRouter()

@@ -16,9 +16,9 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-from service.api.deps import CurrentUser
-from service.api.errors import ApiError, error_responses
-from service.db import Database, InboxRow
+from ..db import Database, InboxRow
+from .deps import CurrentUser
+from .errors import ApiError, error_responses
 
 router = APIRouter()
 

@@ -15,7 +15,7 @@ import logging
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import error_response
+from .errors import error_response
 
 log = logging.getLogger("pgpush.api")
 

@@ -17,9 +17,9 @@ from fastapi import APIRouter, Request, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import PublisherUser
-from service.api.errors import ApiError, error_responses
-from service.db import Database, IdempotencyConflict, InvalidMessage
+from ..db import Database, IdempotencyConflict, InvalidMessage
+from .deps import PublisherUser
+from .errors import ApiError, error_responses
 
 log = logging.getLogger("pgpush.publish")
 router = APIRouter()

@@ -12,9 +12,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from service.api.deps import CurrentUser
-from service.api.errors import ApiError
-from service.auth import AuthError, TokenVerifier
+from ..auth import AuthError, TokenVerifier
+from .deps import CurrentUser
+from .errors import ApiError
 
 router = APIRouter()
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 import uvicorn
+from pgpush.cli import DrainingServer
+from pgpush.config import Settings
 
-from service.cli import DrainingServer
-from service.config import Settings
 from tests.conftest import RunningServer, ServerFactory, make_token, settings_for
 
 CHROMIUM = "/usr/bin/chromium"

@@ -406,7 +406,7 @@ def test_settings_and_secrets_wiring(overlay: str) -> None:
 
 def test_configmap_keys_are_real_settings() -> None:
     """pydantic-settings ignores unknown variables, so a typo in the ConfigMap would silently do nothing."""
-    config_module = pytest.importorskip("service.config", reason="the service package is not importable here")
+    config_module = pytest.importorskip("pgpush.config", reason="the service package is not importable here")
     fields = {f"PGPUSH_{name.upper()}" for name in config_module.Settings.model_fields}
     for overlay in OVERLAYS:
         keys = set(one(render(overlay), "ConfigMap", "pgpush-config")["data"])

@@ -13,9 +13,9 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from pgpush.embedded import EmbeddedPostgres
+from pgpush.migrate import migrate
 
-from service.embedded import EmbeddedPostgres
-from service.migrate import migrate
 from tests.conftest import RunningServer, make_token, settings_for, with_database
 from tests.faults.client import open_ledger_streams, wait_until
 from tests.faults.ledger import Ledger

@@ -10,8 +10,8 @@ import asyncio
 import time
 
 import pytest
+from pgpush.cli import GRACEFUL_SHUTDOWN_SECONDS
 
-from service.cli import GRACEFUL_SHUTDOWN_SECONDS
 from tests.conftest import make_token
 from tests.faults.client import ResumingClient, wait_until
 from tests.faults.ledger import Ledger

@@ -12,8 +12,8 @@ import json
 import random
 
 import asyncpg
+from pgpush.db import UNAVAILABLE_ERRORS
 
-from service.db import UNAVAILABLE_ERRORS
 from tests.faults.ledger import Ledger
 
 # Several recipients in one statement, in recipient order as DESIGN §1 asks of multi-row writers.

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import httpx
 import pytest
+from pgpush import announcer
+from pgpush.db import NOTIFY_CHANNEL
+from pgpush.hints import parse_hint
 
-from service import announcer
-from service.db import NOTIFY_CHANNEL
-from service.hints import parse_hint
 from tests.conftest import ServerFactory, make_token
 from tests.sse_client import open_stream
 

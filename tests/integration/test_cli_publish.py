@@ -31,7 +31,7 @@ async def pgpush(database_url: str, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "service",
+        "pgpush",
         "publish",
         *args,
         env=cli_env(database_url),
@@ -49,7 +49,7 @@ async def following(database_url: str, *args: str) -> AsyncIterator[asyncio.subp
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "service",
+        "pgpush",
         "publish",
         *args,
         env=cli_env(database_url),

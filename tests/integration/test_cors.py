@@ -7,9 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
+from pgpush.config import Settings
 from pydantic import ValidationError
 
-from service.config import Settings
 from tests.conftest import RunningServer, ServerFactory, make_token
 
 APP = "https://app.example"

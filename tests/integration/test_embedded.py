@@ -1,4 +1,4 @@
-"""Real-server tests of service.embedded, the zero-configuration Postgres used when no database URL is set."""
+"""Real-server tests of pgpush.embedded, the zero-configuration Postgres used when no database URL is set."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-
-from service.embedded import PORT_RANGE, EmbeddedPostgres, find_postgres_bindir
+from pgpush.embedded import PORT_RANGE, EmbeddedPostgres, find_postgres_bindir
 
 MakePostgres = Callable[..., EmbeddedPostgres]
 

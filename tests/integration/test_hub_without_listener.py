@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-
-from service.db import Database
-from service.hints import CarriedRow, Hint, parse_hint
-from service.hub import Hub, Stream
+from pgpush.db import Database
+from pgpush.hints import CarriedRow, Hint, parse_hint
+from pgpush.hub import Hub, Stream
 
 INSERT = "INSERT INTO messages (recipient, data) VALUES ($1, $2) RETURNING seq"
 

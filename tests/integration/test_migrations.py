@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import pytest
 from alembic import command
+from pgpush import announcer
+from pgpush.migrate import alembic_config, migrate
 
-from service import announcer
-from service.migrate import alembic_config, migrate
 from tests.conftest import with_database
 
 
@@ -31,7 +31,7 @@ async def empty_database(pg_url: str) -> AsyncIterator[str]:
 
 def run_migrate(database_url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service", "migrate"],
+        [sys.executable, "-m", "pgpush", "migrate"],
         env={"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": "x" * 32, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 from openapi_spec_validator import validate
+from pgpush.openapi import build_spec
 
-from service.openapi import build_spec
 from tests.conftest import RunningServer, make_token
 
 COMMITTED = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"

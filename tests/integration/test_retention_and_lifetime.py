@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+from pgpush.db import Database
+from pgpush.retention import RETENTION_LOCK_KEY, Retention
 
-from service.db import Database
-from service.retention import RETENTION_LOCK_KEY, Retention
 from tests.conftest import ServerFactory, make_token
 from tests.sse_client import open_stream
 

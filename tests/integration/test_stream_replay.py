@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 import pytest
+from pgpush.hub import NEWCOMER_UNREAD
 
-from service.hub import NEWCOMER_UNREAD
 from tests.conftest import RunningServer, ServerFactory, make_token
 from tests.sse_client import open_stream
 

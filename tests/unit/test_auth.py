@@ -16,9 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
-from pydantic import ValidationError
-
-from service.auth import (
+from pgpush.auth import (
     TICKET_AUDIENCE,
     TICKET_TYPE,
     AuthError,
@@ -28,7 +26,8 @@ from service.auth import (
     derive_ticket_key,
     mint_token,
 )
-from service.config import Settings
+from pgpush.config import Settings
+from pydantic import ValidationError
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
 OTHER_SECRET = "another-unit-test-secret-long-enough-for-hs256"

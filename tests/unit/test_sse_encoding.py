@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-from service.sse import (
+from pgpush.sse import (
     MAX_CURSOR,
     PING,
     CursorError,
@@ -27,6 +26,7 @@ from service.sse import (
     parse_cursor,
     retry_frame,
 )
+
 from tests.sse_parser import Event, EventStreamParser
 
 EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # DESIGN §1's CHECK on messages.event
