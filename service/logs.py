@@ -1,4 +1,4 @@
-"""Logging: one JSON object per line, and no token or ticket in any of them (DESIGN §3)."""
+"""Logging: one JSON object per line, and no token or ticket in any of them (docs/protocol.md, "Auth")."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
+from urllib.parse import unquote
 
 import orjson
 
@@ -25,11 +26,37 @@ def _redact(match: re.Match[str]) -> str:
     return f"{name} [redacted]" if name.lower() == "bearer" else f"{name}=[redacted]"
 
 
-def scrub(text: str) -> str:
-    """The text with every credential replaced by a marker."""
+# A client percent-encodes a query once and the server decodes it once; a few more passes also unwrap a
+# credential encoded several times over, at no cost for the lines that carry no "%".
+_DECODE_PASSES = 4
+
+
+def _scrub_plain(text: str) -> str:
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(_redact, text)
     return text
+
+
+def _decoded(text: str) -> str:
+    for _ in range(_DECODE_PASSES):
+        if "%" not in text:
+            break
+        text = unquote(text)
+    return text
+
+
+def scrub(text: str) -> str:
+    """The text with every credential replaced by a marker, even one hidden by percent-encoding.
+
+    The server decodes a query before reading it, so `access%5Ftoken=%65%79…` is a working credential that
+    the patterns cannot see in the raw text. When the decoded text shows a credential, the line is logged
+    decoded and scrubbed; otherwise it keeps its original characters.
+    """
+    decoded = _decoded(text)
+    cleaned = _scrub_plain(decoded)
+    if cleaned != decoded:
+        return cleaned
+    return _scrub_plain(text)
 
 
 class ScrubSecrets(logging.Filter):
