@@ -1,4 +1,4 @@
-"""The service's settings: one frozen pydantic-settings class read from the environment (DESIGN §5)."""
+"""The service's settings: one frozen pydantic-settings class read from the environment (README)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ KiB = 1024
 
 
 class Settings(BaseSettings):
-    """Every knob of pgpush. Names and defaults are part of the public contract (DESIGN §5)."""
+    """Every knob of pgpush. Names and defaults are part of the public contract (README, "Settings")."""
 
     model_config = SettingsConfigDict(
         env_prefix="PGPUSH_", frozen=True, extra="ignore", populate_by_name=True
@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     jwt_jwks_url: str | None = None
     jwt_algorithms: Annotated[tuple[str, ...], NoDecode] = ("HS256",)
     jwt_audience: str | None = None
+    # A public key or JWKS belongs to an identity provider that signs tokens for every application it serves;
+    # without an audience pgpush would accept all of them. `pgpush serve` refuses that unless this says so.
+    jwt_audience_optional: bool = False
     jwt_issuer: str | None = None
     jwt_leeway_seconds: float = Field(default=30, ge=0)
     # A fetched JWKS is trusted this long, then refreshed in the background (the old keys serve meanwhile).
@@ -127,6 +130,36 @@ class Settings(BaseSettings):
             if secret is not None and len(secret.get_secret_value()) < 32:
                 raise ValueError(f"{name} must be at least 32 characters (RFC 7518 §3.2)")
         return self
+
+    def missing_audience(self) -> str | None:
+        """Why these settings would accept tokens minted for other applications, or None when they would not.
+
+        A shared secret is this deployment's own, so whatever it signed was meant for pgpush. A public key or
+        a JWKS is the identity provider's, which signs tokens for every application it serves: only an
+        audience tells pgpush's tokens from theirs. `PGPUSH_JWT_AUDIENCE_OPTIONAL=true` accepts the risk.
+        """
+        if self.jwt_audience_optional:
+            return None
+        problems: list[str] = []
+        if (self.jwt_public_key or self.jwt_jwks_url) and self.jwt_audience is None:
+            problems.append("PGPUSH_JWT_AUDIENCE")
+        own_publisher_keys = (
+            self.publisher_jwt_secret or self.publisher_jwt_public_key or self.publisher_jwt_jwks_url
+        )
+        if own_publisher_keys:
+            publisher_public = self.publisher_jwt_public_key or self.publisher_jwt_jwks_url
+        else:
+            publisher_public = self.jwt_public_key or self.jwt_jwks_url
+        # Publishers fall back to PGPUSH_JWT_AUDIENCE: naming that one is enough when it is missing too.
+        if publisher_public and (self.publisher_jwt_audience or self.jwt_audience) is None and not problems:
+            problems.append("PGPUSH_PUBLISHER_JWT_AUDIENCE")
+        if not problems:
+            return None
+        return (
+            "a JWT public key or JWKS is configured without an audience, so tokens its identity provider "
+            f"issued for any other application would be accepted: set {problems[0]} to the audience (`aud`) "
+            "of pgpush's tokens, or PGPUSH_JWT_AUDIENCE_OPTIONAL=true to accept any audience"
+        )
 
     @property
     def embedded(self) -> bool:
