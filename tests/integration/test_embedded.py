@@ -54,7 +54,8 @@ def test_start_connect_stop(make_postgres: MakePostgres) -> None:
     pg = make_postgres()
     url = pg.start()
 
-    assert url == f"postgresql://postgres@127.0.0.1:{pg.port}/postgres" == pg.url
+    assert url == pg.url
+    assert pg.url_without_password == f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
     assert pg.port in PORT_RANGE  # never 5432, nor a port the kernel may hand to a client socket
     assert fetchval(url, "select current_user") == "postgres"
     assert fetchval(url, "show listen_addresses") == "127.0.0.1"

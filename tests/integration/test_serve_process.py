@@ -71,11 +71,11 @@ async def test_zero_configuration_serve_starts_postgres_prints_a_token_and_deliv
         await proc.ready(within=120)
         banner = proc.output
         token = re.search(r"#token=(\S+)", banner)
-        database = re.search(r"psql '?(postgresql://\S+?)'? -c", banner)
+        database = re.search(r"PGPASSFILE=(\S+) psql '?(postgresql://\S+?)'? -c", banner)
         assert token and database, banner
         assert (tmp_path / "data" / "jwt-secret").exists()
         async with await open_stream(proc.url, token.group(1)) as stream:
-            conn = await asyncpg.connect(database.group(1))
+            conn = await asyncpg.connect(database.group(2), passfile=database.group(1))
             try:
                 await conn.execute(
                     "INSERT INTO messages (recipient, event, data) "
