@@ -68,7 +68,9 @@ class Batch:
 
     data: bytes
     rows: int
-    oldest_created: float | None  # for the latency metric: one observation per write, of its slowest row
+    # For the latency metric: the oldest live row in the write (replayed rows are old by nature, and an
+    # ordinary reconnect would fill the histogram alerts watch with its gap), None when none is live.
+    oldest_created: float | None
 
 
 def encode_row(row: Row) -> Frame:
@@ -101,7 +103,7 @@ class Stream:
         self.start: Snapshot | None = None  # the hub's cursor when the stream joined: replay stops there
         self.close_reason: CloseReason | None = None
         self._rows = 0  # message rows among the pending frames (the rest are control frames)
-        self._oldest_created: float | None = None  # created_at of the oldest pending row
+        self._oldest_created: float | None = None  # created_at of the oldest pending live row
         self.send_guard: asyncio.Timeout | None = None
         self._frames: list[bytes] = []
         self._bytes = 0
@@ -124,13 +126,13 @@ class Stream:
             if self._held_bytes > self._limit:
                 self.close(CloseReason.OVERFLOW)
             return
-        self._append(frames)
+        self._append(frames, live=True)
         if self._bytes > self._limit:
             self.close(CloseReason.OVERFLOW)
 
     def push_replay(self, frames: list[Frame]) -> None:
         """Rows read by the replay; its caller waits for `drained` between pages instead of overflowing."""
-        self._append(frames)
+        self._append(frames, live=False)
 
     def push_control(self, frame: bytes) -> None:
         """A frame without a seq (reset)."""
@@ -141,14 +143,14 @@ class Stream:
     def go_live(self) -> None:
         """Replay done: release the live frames that arrived meanwhile, skipping any it already sent."""
         held, self._held, self._held_bytes = self._held or [], None, 0
-        self._append(held)
+        self._append(held, live=True)
 
-    def _append(self, frames: Iterable[Frame]) -> None:
+    def _append(self, frames: Iterable[Frame], *, live: bool) -> None:
         for frame in frames:
             if frame.seq > self.queued_seq:
                 self._frames.append(frame.data)
                 self._bytes += len(frame.data)
-                if self._oldest_created is None:
+                if live and self._oldest_created is None:
                     self._oldest_created = frame.created_at
                 self.queued_seq = frame.seq
                 self._rows += 1

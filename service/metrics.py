@@ -35,8 +35,8 @@ class Metrics:
         )
         self.delivery_latency = Histogram(
             "pgpush_delivery_latency_seconds",
-            "From a row's created_at to its bytes being written to the client; one observation per write, "
-            "of the oldest row in it",
+            "From a live row's created_at to its bytes being written to the client; one observation per "
+            "write, of the oldest live row in it (rows replayed to a new stream are not observed)",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
