@@ -1,4 +1,4 @@
-"""Logging: one JSON object per line, and no token or ticket in any of them (docs/protocol.md, "Auth")."""
+"""Logging: one JSON object per line, and no token or ticket in any of them (docs/protocol.md, §3)."""
 
 from __future__ import annotations
 

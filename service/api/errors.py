@@ -114,7 +114,7 @@ class FieldError(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """The JSON body of every error response (DESIGN §4)."""
+    """The JSON body of every error response (docs/protocol.md, "The REST API")."""
 
     error: str = Field(description="A stable machine-readable code, e.g. `invalid_request`")
     detail: str = Field(description="A human sentence")
