@@ -108,7 +108,9 @@ class DrainingServer(uvicorn.Server):
     `on_started` runs once the app has started and the socket accepts connections, never before.
     """
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, on_started: Callable[[], None]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, app: FastAPI, on_started: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(config)
         self._app = app
         self._on_started = on_started
@@ -116,7 +118,7 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started:
+        if self.started and self._on_started is not None:
             self._on_started()
 
     async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
