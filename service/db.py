@@ -13,7 +13,11 @@ import asyncpg
 
 APPLICATION_NAME = "pgpush"
 LISTENER_APPLICATION_NAME = "pgpush-listener"
-NOTIFY_CHANNEL = "pgpush"
+# The public channel of releases up to 0.3.0: it is only listened on while the database has not been
+# migrated to 0004 yet, and then only for recipient names (anyone can send on it).
+LEGACY_NOTIFY_CHANNEL = "pgpush"
+# The private channel's name (migration 0004): readable by the owner and the roles granted SELECT on it.
+CHANNEL_QUERY = "SELECT name FROM pgpush_channel"
 
 # Errors that mean "Postgres is not answering right now" rather than "this query is wrong".
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -85,6 +89,35 @@ SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 FR
 WHERE recipient = $1 AND read_at IS NULL AND seq <= $2
 ORDER BY seq DESC LIMIT $3
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """Where the triggers announce new rows, and whether its notifications may be trusted for content."""
+
+    name: str
+    private: bool
+
+
+class ChannelUnreadable(Exception):
+    """The database has the private channel but this role was not granted SELECT on it."""
+
+
+async def notify_channel(conn: asyncpg.Connection) -> Channel:
+    """The channel to LISTEN on: the private one, or the legacy public one on a database before 0004.
+
+    Missing privileges are an error, not a reason to fall back: the triggers no longer send on the
+    public channel, so listening there would silently leave every stream to the safety net.
+    """
+    try:
+        name = await conn.fetchval(CHANNEL_QUERY)
+    except asyncpg.exceptions.UndefinedTableError:
+        return Channel(LEGACY_NOTIFY_CHANNEL, private=False)
+    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+        raise ChannelUnreadable(
+            "this role may not read pgpush_channel: GRANT SELECT ON pgpush_channel TO <service role>"
+        ) from exc
+    return Channel(str(name), private=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +517,7 @@ class _Retry(Exception):
 _CONSTRAINT_FIELDS = {
     "messages_recipient_valid": "recipients",
     "messages_event_valid": "event",
+    "messages_event_not_reserved": "event",
     "messages_key_valid": "key",
 }
 
