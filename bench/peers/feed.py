@@ -39,7 +39,7 @@ RowHandler = Callable[[list[asyncpg.Record]], None]
 
 
 class Feed:
-    """LISTEN on pgpush's channel; for the recipients a hint names (or all, for '*'), read and hand on rows."""
+    """LISTEN on pgpush's channel; for the recipients a hint names (or all, '*'), read and hand on rows."""
 
     def __init__(self, dsn: str, on_rows: RowHandler, wanted: Callable[[], set[str]]) -> None:
         self.dsn = dsn
