@@ -16,7 +16,7 @@ GRANT SELECT, INSERT, DELETE ON messages TO pgpush_service;
 GRANT UPDATE (read_at) ON messages TO pgpush_service;
 GRANT SELECT ON message_counters TO pgpush_service;
 GRANT SELECT ON pgpush_channel TO pgpush_service;
-GRANT EXECUTE ON FUNCTION pgpush_announce() TO pgpush_service;
+GRANT EXECUTE ON FUNCTION pgpush_announce(), pgpush_announcer_awake(boolean) TO pgpush_service;
 
 -- A writer: INSERT is enough for its rows to be ordered, announced and delivered.
 GRANT INSERT ON messages TO pgpush_writer;

@@ -10,6 +10,9 @@ connect read every carried row and could forge rows into anyone's stream. From t
   writer needs INSERT on `messages` and nothing else; nobody but the owner needs, or gets, any access to
   `message_counters`, the seq sequence or `message_changes`. EXECUTE is revoked from PUBLIC;
   `pgpush_announce()` is for the service role alone (GRANT EXECUTE, see deploy/roles.sql).
+- Writers hand their notification to the announcer (0003) only when it also says it is awake, in a
+  sequence only the owner and the service can set, and never wait on a lock: any role can take advisory
+  locks, and holding 0003's "awake" and "handover" stalled every writer or stranded their hints.
 - `pause`, `reset`, `token_expired` and every name starting with `pgpush` are control events the stream
   itself sends: the table refuses them as events of a row. The constraint is NOT VALID so adding it
   neither scans the table nor fails on old rows; new rows are checked.
@@ -64,10 +67,21 @@ DECLARE
     carried text;
     channel text;
 BEGIN
+    -- Hand over only to the elected announcer. Any role may take advisory locks, so "awake" held is not
+    -- enough: the announcer also says so in a sequence only the owner and the service can set, read
+    -- without MVCC (a REPEATABLE READ writer sees it as it is now). Step by step, because the order is
+    -- the proof: the announcer clears the marker before it releases "awake" and waits for "handover", so
+    -- a writer that still reads it set already holds its share of "handover" and will be announced.
+    -- Every lock is only tried: a writer never waits on a lock someone else may hold forever.
     batched := NOT pg_try_advisory_xact_lock_shared({AWAKE_LOCK_KEY});
     IF batched THEN
-        PERFORM pg_advisory_xact_lock_shared({HANDOVER_LOCK_KEY});
+        batched := pg_try_advisory_xact_lock_shared({HANDOVER_LOCK_KEY});
+    END IF;
+    IF batched THEN
         batched := NOT pg_try_advisory_xact_lock_shared({AWAKE_LOCK_KEY});
+    END IF;
+    IF batched THEN
+        batched := (SELECT last_value = 1 FROM pgpush_announcer_awake);
     END IF;
     small := NOT batched AND NOT EXISTS (SELECT FROM new_rows OFFSET {CARRY_MAX_ROWS});
     -- Every part of one statement sees the counters as they were before its UPDATE: "previous" is each
@@ -148,6 +162,15 @@ END
 $$
 """
 
+# The announcer's word that it holds "awake": 1 or 0 (a sequence is read and set outside MVCC).
+AWAKE_MARKER = "CREATE SEQUENCE pgpush_announcer_awake AS integer MINVALUE 0 MAXVALUE 1 START 0"
+SET_AWAKE = """
+CREATE FUNCTION pgpush_announcer_awake(awake boolean) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = {search_path} AS $$
+    SELECT setval('pgpush_announcer_awake', CASE WHEN awake THEN 1 ELSE 0 END, true)
+$$
+"""
+
 _RESERVED_LIST = ", ".join(f"'{name}'" for name in RESERVED_EVENTS)
 RESERVED_CHECK = f"""
 ALTER TABLE messages ADD CONSTRAINT messages_event_not_reserved
@@ -156,6 +179,7 @@ NOT VALID
 """
 
 FUNCTIONS = ("pgpush_assign_seq()", "pgpush_advance_and_notify()", "pgpush_announce()")
+NEW_FUNCTIONS = ("pgpush_announcer_awake(boolean)",)
 
 
 def _search_path() -> str:
@@ -173,10 +197,13 @@ def upgrade() -> None:
     op.get_bind().execute(
         text("INSERT INTO pgpush_channel (name) VALUES (:name)"), {"name": f"pgpush_{secrets.token_hex(16)}"}
     )
+    op.execute(AWAKE_MARKER)
+    op.execute("REVOKE ALL ON SEQUENCE pgpush_announcer_awake FROM PUBLIC")
+    op.execute(SET_AWAKE.format(search_path=search_path))
     op.execute(f"ALTER FUNCTION pgpush_assign_seq() SECURITY DEFINER SET search_path = {search_path}")
     op.execute(ADVANCE.format(search_path=search_path))
     op.execute(ANNOUNCE.format(search_path=search_path))
-    for function in FUNCTIONS:
+    for function in FUNCTIONS + NEW_FUNCTIONS:
         op.execute(f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC")
     op.execute(RESERVED_CHECK)
 
@@ -204,3 +231,5 @@ def downgrade() -> None:
     # when this transaction commits, so they catch up once before the channel goes away.
     op.execute("SELECT pg_notify(name, '*') FROM pgpush_channel")
     op.execute("DROP TABLE pgpush_channel")
+    op.execute("DROP FUNCTION pgpush_announcer_awake(boolean)")
+    op.execute("DROP SEQUENCE pgpush_announcer_awake")

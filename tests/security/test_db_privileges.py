@@ -20,6 +20,8 @@ OUT_OF_REACH = [
     "SELECT nextval('messages_seq_seq')",
     "INSERT INTO message_changes (recipients) VALUES ('alice')",
     "SELECT pgpush_announce()",
+    "SELECT pgpush_announcer_awake(true)",
+    "SELECT setval('pgpush_announcer_awake', 1)",
     "SELECT name FROM pgpush_channel",
 ]
 
