@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-
 from pgpush.announcer import AWAKE_LOCK_KEY, HANDOVER_LOCK_KEY
+
 from tests.conftest import make_token
 from tests.serve_process import ServerProcess
 from tests.sse_client import open_stream

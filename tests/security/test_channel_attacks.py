@@ -53,6 +53,12 @@ async def test_an_outsider_can_neither_find_the_channel_nor_hear_a_row(
 ) -> None:
     eavesdropper = Eavesdropper()
     await outsider.add_listener(LEGACY_CHANNEL, eavesdropper)
+    async with await open_stream(service.url, make_token("bob")) as bob:
+        await insert(writer, "bob", '{"otp": "493817"}')
+        [row] = await bob.messages(1, timeout=30)  # the service heard it: a notification was sent
+        assert row.data == '{"otp":"493817"}'
+    assert await eavesdropper.everything(db) == []
+
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await outsider.fetchval("SELECT name FROM pgpush_channel")
     channel = await db.fetchval("SELECT name FROM pgpush_channel")
@@ -60,27 +66,23 @@ async def test_an_outsider_can_neither_find_the_channel_nor_hear_a_row(
     assert await outsider.fetchval("SELECT count(*) FROM pg_proc WHERE strpos(prosrc, $1) > 0", channel) == 0
     assert await outsider.fetchval("SELECT count(*) FROM pg_proc WHERE prosrc ~ 'pgpush_[0-9a-f]{32}'") == 0
 
-    async with await open_stream(service.url, make_token("bob")) as bob:
-        await insert(writer, "bob", '{"otp": "493817"}')
-        [row] = await bob.messages(1, timeout=30)  # the service heard it: a notification was sent
-        assert row.data == '{"otp":"493817"}'
 
-    assert await eavesdropper.everything(db) == []
-
-
-def forged_payload(recipient: str, previous_seq: int) -> str:
-    """The review's forgery: a carried row with a bare CR that injects a 24-hour retry, at seq 9e18."""
-    row = "\t".join(
+def forged_payloads(recipient: str, previous_seq: int) -> list[str]:
+    """The review's forgery (a bare CR that injects a 24-hour retry), and a row the table's rules admit;
+    both at seq 9e18, past every real row."""
+    events = ['lead\rdata: {"x":1}\r\rretry: 86400000', "lead"]
+    rows = [
         [
             recipient,
             str(previous_seq),
             "9000000000000000000",
-            'lead\rdata: {"x":1}\r\rretry: 86400000',
+            event,
             f"{time.time():.2f}",
             '{"company": "FORGED"}',
         ]
-    )
-    return f"{recipient}\n{row}"
+        for event in events
+    ]
+    return [f"{recipient}\n" + "\t".join(row) for row in rows]
 
 
 async def test_a_forged_notification_reaches_no_stream_and_delays_no_row(
@@ -90,9 +92,8 @@ async def test_a_forged_notification_reaches_no_stream_and_delays_no_row(
         await insert(writer, "alice", '{"company": "ACME"}')
         [first] = await alice.messages(1, timeout=30)
         for channel in (LEGACY_CHANNEL, "pgpush_probe", "pgpush_listener"):
-            await outsider.execute(
-                "SELECT pg_notify($1, $2)", channel, forged_payload("alice", int(first.last_event_id))
-            )
+            for payload in forged_payloads("alice", int(first.last_event_id)):
+                await outsider.execute("SELECT pg_notify($1, $2)", channel, payload)
         await insert(writer, "alice", '{"company": "REAL"}')
         # The next thing on the wire is the real row, live (the safety net is minutes away).
         event = await alice.next(timeout=30)
