@@ -410,8 +410,8 @@ class RetentionStep:
 # ---- Publishing and the inbox: statements, results and errors ----
 
 # Rows are inserted in recipient order so that the trigger locks the recipients' counters in that order:
-# two multi-recipient statements can then never deadlock (DESIGN §1). The BEFORE trigger runs before the
-# conflict check, so a skipped row still uses up a seq: seqs are increasing, not dense (DESIGN §1).
+# two multi-recipient statements can then never deadlock (docs/protocol.md §1). The BEFORE trigger runs
+# before the conflict check, so a skipped row still uses up a seq: seqs are increasing, not dense.
 PUBLISH_INSERT = """
 INSERT INTO messages (recipient, event, data, key)
 SELECT r.recipient, $2, $3::jsonb, $4 FROM unnest($1::text[]) AS r(recipient)

@@ -1,7 +1,7 @@
 """Recipient → live streams: one fetcher reads new rows in batches and copies them into bounded buffers.
 
 The hub never blocks on a stream: a stream whose client does not keep up is closed (it resumes from its
-Last-Event-ID), so one slow client cannot stall the others and memory stays bounded (DESIGN §2.4).
+Last-Event-ID), so one slow client cannot stall the others and memory stays bounded (docs/protocol.md §2.4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The one LISTEN connection of a process: reconnects with capped backoff, resyncs, proves it is alive.
 
-NOTIFY is only a hint (DESIGN §2): after every (re)connect the hub re-reads every live recipient from its
-cursor, a periodic NOTIFY round trip catches a connection that died without a TCP reset, and a slow
+NOTIFY is only a hint (docs/protocol.md §2): after every (re)connect the hub re-reads every live recipient
+from its cursor, a periodic NOTIFY round trip catches a connection that died without a TCP reset, and a slow
 safety-net resync bounds the delay of any hint that was lost anyway.
 """
 

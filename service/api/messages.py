@@ -1,4 +1,4 @@
-"""POST /messages: a publisher writes one message to up to 1,000 recipients (DESIGN §4).
+"""POST /messages: a publisher writes one message to up to 1,000 recipients (docs/protocol.md §4).
 
 The API writes to the same table as any SQL writer, so what it publishes is delivered exactly like a row
 inserted with psql: the trigger orders and announces it, the stream reads it.
