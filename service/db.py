@@ -48,13 +48,14 @@ LEFT JOIN LATERAL (
 ) AS m ON true
 """
 
-# Which of these recipients have rows after the given cursors: the counter is advanced in the same
-# transaction as the rows, so one index probe per recipient answers without touching the messages.
-BEHIND = """
-SELECT c.recipient
+# Which of these recipients' counters differ from the given cursors: the counter is advanced in the same
+# transaction as the rows, so one index probe per recipient answers without touching the messages. A
+# counter behind a cursor means the cursor went past what the table holds (the data was reset).
+DRIFT = """
+SELECT c.recipient, coalesce(m.last_seq, 0)::bigint, coalesce(m.last_seq, 0) > c.after_seq
 FROM unnest($1::text[], $2::bigint[]) AS c(recipient, after_seq)
-JOIN message_counters AS m ON m.recipient = c.recipient
-WHERE m.last_seq > c.after_seq
+LEFT JOIN message_counters AS m ON m.recipient = c.recipient
+WHERE coalesce(m.last_seq, 0) <> c.after_seq
 """
 
 # New rows for many recipients in one round trip, each from its own cursor, at most $3 per recipient.
@@ -216,10 +217,11 @@ class Database:
             for name in recipients
         }
 
-    async def behind(self, cursors: Sequence[tuple[str, int]]) -> list[str]:
-        """The recipients whose last committed seq is past their cursor."""
-        records = await self.pool.fetch(BEHIND, [r for r, _ in cursors], [seq for _, seq in cursors])
-        return [record[0] for record in records]
+    async def drift(self, cursors: Sequence[tuple[str, int]]) -> tuple[list[str], dict[str, int]]:
+        """The recipients whose last committed seq is past their cursor, and those whose cursor is past
+        their last committed seq (with that seq)."""
+        records = await self.pool.fetch(DRIFT, [r for r, _ in cursors], [seq for _, seq in cursors])
+        return [r[0] for r in records if r[2]], {r[0]: int(r[1]) for r in records if not r[2]}
 
     async def new_rows(self, cursors: Iterable[tuple[str, int]], per_recipient: int) -> list[NewRow]:
         """Rows after each recipient's cursor, grouped by recipient in cursor order, oldest first.

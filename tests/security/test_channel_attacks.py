@@ -8,12 +8,13 @@ Each test performs the attack against a real `pgpush serve` running as the servi
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import asyncpg
 import pytest
 
-from tests.conftest import make_token
+from tests.conftest import Roles, make_token
 from tests.serve_process import ServerProcess
 from tests.sse_client import open_stream
 
@@ -128,3 +129,30 @@ async def test_a_malformed_carried_row_on_the_private_channel_is_read_from_the_t
         received = await alice.next(timeout=30)
         assert (received.type, received.data) == ("lead", '{"company":"REAL"}')
         assert 86400000 not in alice.parser.retries
+
+
+async def test_a_cursor_a_notification_moved_past_the_table_is_restarted_from_the_table(
+    database_url: str, roles: Roles, writer: asyncpg.Connection, db: asyncpg.Connection
+) -> None:
+    """Whoever holds the private channel (the owner, the service) is trusted to send committed rows; still,
+    a row it claimed that the table does not have moves no cursor for longer than one safety-net period:
+    the stream is restarted and resumes from the table, so the next real row is not lost behind it."""
+    service = ServerProcess(roles.service_url(database_url), safety_net_seconds=1, listener_probe_seconds=1)
+    try:
+        await service.ready()
+        channel = await db.fetchval("SELECT name FROM pgpush_channel")
+        token = make_token("alice")
+        async with await open_stream(service.url, token) as alice:
+            await insert(writer, "alice", '{"company": "ACME"}')
+            [first] = await alice.messages(1, timeout=30)
+            row = ["alice", first.last_event_id, "9000000000000000000", "lead", f"{time.time():.2f}", "{}"]
+            await db.execute("SELECT pg_notify($1, $2)", channel, "alice\n" + "\t".join(row))
+            await insert(writer, "alice", '{"company": "REAL"}')
+            await alice.rest(timeout=60)  # the server ends the stream at its next safety net
+        assert alice.parser.last_event_id == "9000000000000000000"  # the channel's holder is trusted
+        async with await open_stream(service.url, token, last_event_id=alice.parser.last_event_id) as again:
+            reset, acme, real = await again.take(3, timeout=30)
+        assert (reset.type, json.loads(reset.data)) == ("reset", {"reason": "cursor_ahead"})
+        assert (acme.data, real.data) == ('{"company":"ACME"}', '{"company":"REAL"}')
+    finally:
+        await service.stop()

@@ -143,7 +143,7 @@ async def test_a_0_3_0_replica_and_this_release_side_by_side_lose_nothing_throug
         await writer.until(10)
 
         await asyncio.to_thread(migrate, database_at_0003)  # 0004, while rows flow
-        await conn.execute(roles.grants())
+        await asyncio.to_thread(_admin, database_at_0003, roles.grants())  # the writer uses `conn`
         await writer.until(writer.written + 10)
         new = ServerProcess(
             roles.service_url(database_at_0003), safety_net_seconds=SAFETY_NET, listener_probe_seconds=1
