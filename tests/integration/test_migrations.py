@@ -200,3 +200,15 @@ async def test_downgrading_0003_announces_what_was_handed_over_and_upgrading_aga
         await writer.close()
         if not announcer_session.is_closed():
             await announcer_session.close()
+
+
+def test_migrate_needs_no_jwt_key(empty_database: str) -> None:
+    """The migration Job is given the owner's DSN and nothing else (SECURITY.md)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pgpush", "migrate"],
+        env={"DATABASE_URL": empty_database, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
