@@ -38,7 +38,7 @@ import asyncpg
 import httpx
 from pgpush import announcer
 from pgpush.config import Settings
-from pgpush.db import NOTIFY_CHANNEL
+from pgpush.db import CHANNEL_QUERY
 from pgpush.embedded import EmbeddedPostgres
 from pgpush.migrate import migrate
 from prometheus_client.parser import text_string_to_metric_families
@@ -88,7 +88,8 @@ MULTI = (
     "SELECT r, 'bench', $2::jsonb FROM unnest($1::text[]) AS r ORDER BY r"
 )
 # One statement (one transaction) sends a batch of notifications; distinct payloads are never folded.
-NOTIFY_BATCH = f"SELECT count(pg_notify('{NOTIFY_CHANNEL}', p)) FROM unnest($1::text[]) AS p"
+# On pgpush's private channel (migration 0004), read from the table like the service does.
+NOTIFY_BATCH = f"SELECT count(pg_notify(({CHANNEL_QUERY}), p)) FROM unnest($1::text[]) AS p"
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,7 @@ async def _listen_child(url: str, count: int) -> None:
 
     conns = [await asyncpg.connect(url) for _ in range(count)]
     for conn in conns:
-        await conn.add_listener(NOTIFY_CHANNEL, hear)
+        await conn.add_listener(await conn.fetchval(CHANNEL_QUERY), hear)
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await asyncio.sleep(1)  # the last notifications in flight

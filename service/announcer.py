@@ -17,6 +17,7 @@ statement's hint is stranded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -84,6 +85,7 @@ class Announcer(BackgroundTask):
                 self.elected = True
                 backoff = 0.1
                 log.info("this replica is the announcer")
+                await say_awake(conn, False)  # a previous announcer may have died awake
                 await self._settle(conn)  # a previous announcer may have left statements behind
                 await self._lead(conn)
             except asyncio.CancelledError:
@@ -156,13 +158,28 @@ class Announcer(BackgroundTask):
 
 
 async def wake(conn: asyncpg.Connection) -> bool:
-    """Take "awake" (writers hand over from now on); False when writers still held their share of it."""
-    return await _lock_within(conn, "SELECT pg_advisory_lock($1)", AWAKE_LOCK_KEY)
+    """Take "awake" and say so (writers hand over from now on); False when others held a share of it."""
+    if not await _lock_within(conn, "SELECT pg_advisory_lock($1)", AWAKE_LOCK_KEY):
+        return False
+    await say_awake(conn, True)
+    return True
 
 
 async def fall_asleep(conn: asyncpg.Connection) -> None:
-    """Release "awake": writers that start from now on notify for themselves. Then `settle`."""
+    """Stop saying "awake", then release it: writers that start from now on notify for themselves. Then
+    `settle`. The order matters (migration 0004): a writer that still saw the word holds its share of
+    "handover", which `settle` waits for."""
+    await say_awake(conn, False)
     await conn.execute("SELECT pg_advisory_unlock($1)", AWAKE_LOCK_KEY)
+
+
+async def say_awake(conn: asyncpg.Connection, awake: bool) -> None:
+    """Set the announcer's word (migration 0004): any role may take the "awake" lock, only we may say it.
+
+    A database before 0004 has no word to set; its writers go by the lock alone.
+    """
+    with contextlib.suppress(asyncpg.UndefinedFunctionError):
+        await conn.execute("SELECT pgpush_announcer_awake($1)", awake)
 
 
 async def announce(conn: asyncpg.Connection) -> int:

@@ -13,7 +13,11 @@ import asyncpg
 
 APPLICATION_NAME = "pgpush"
 LISTENER_APPLICATION_NAME = "pgpush-listener"
-NOTIFY_CHANNEL = "pgpush"
+# The public channel of releases up to 0.3.0: it is only listened on while the database has not been
+# migrated to 0004 yet, and then only for recipient names (anyone can send on it).
+LEGACY_NOTIFY_CHANNEL = "pgpush"
+# The private channel's name (migration 0004): readable by the owner and the roles granted SELECT on it.
+CHANNEL_QUERY = "SELECT name FROM pgpush_channel"
 
 # Errors that mean "Postgres is not answering right now" rather than "this query is wrong".
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -44,13 +48,14 @@ LEFT JOIN LATERAL (
 ) AS m ON true
 """
 
-# Which of these recipients have rows after the given cursors: the counter is advanced in the same
-# transaction as the rows, so one index probe per recipient answers without touching the messages.
-BEHIND = """
-SELECT c.recipient
+# Which of these recipients' counters differ from the given cursors: the counter is advanced in the same
+# transaction as the rows, so one index probe per recipient answers without touching the messages. A
+# counter behind a cursor means the cursor went past what the table holds (the data was reset).
+DRIFT = """
+SELECT c.recipient, coalesce(m.last_seq, 0)::bigint, coalesce(m.last_seq, 0) > c.after_seq
 FROM unnest($1::text[], $2::bigint[]) AS c(recipient, after_seq)
-JOIN message_counters AS m ON m.recipient = c.recipient
-WHERE m.last_seq > c.after_seq
+LEFT JOIN message_counters AS m ON m.recipient = c.recipient
+WHERE coalesce(m.last_seq, 0) <> c.after_seq
 """
 
 # New rows for many recipients in one round trip, each from its own cursor, at most $3 per recipient.
@@ -85,6 +90,35 @@ SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 FR
 WHERE recipient = $1 AND read_at IS NULL AND seq <= $2
 ORDER BY seq DESC LIMIT $3
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """Where the triggers announce new rows, and whether its notifications may be trusted for content."""
+
+    name: str
+    private: bool
+
+
+class ChannelUnreadable(Exception):
+    """The database has the private channel but this role was not granted SELECT on it."""
+
+
+async def notify_channel(conn: asyncpg.Connection) -> Channel:
+    """The channel to LISTEN on: the private one, or the legacy public one on a database before 0004.
+
+    Missing privileges are an error, not a reason to fall back: the triggers no longer send on the
+    public channel, so listening there would silently leave every stream to the safety net.
+    """
+    try:
+        name = await conn.fetchval(CHANNEL_QUERY)
+    except asyncpg.exceptions.UndefinedTableError:
+        return Channel(LEGACY_NOTIFY_CHANNEL, private=False)
+    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+        raise ChannelUnreadable(
+            "this role may not read pgpush_channel: GRANT SELECT ON pgpush_channel TO <service role>"
+        ) from exc
+    return Channel(str(name), private=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,10 +217,11 @@ class Database:
             for name in recipients
         }
 
-    async def behind(self, cursors: Sequence[tuple[str, int]]) -> list[str]:
-        """The recipients whose last committed seq is past their cursor."""
-        records = await self.pool.fetch(BEHIND, [r for r, _ in cursors], [seq for _, seq in cursors])
-        return [record[0] for record in records]
+    async def drift(self, cursors: Sequence[tuple[str, int]]) -> tuple[list[str], dict[str, int]]:
+        """The recipients whose last committed seq is past their cursor, and those whose cursor is past
+        their last committed seq (with that seq)."""
+        records = await self.pool.fetch(DRIFT, [r for r, _ in cursors], [seq for _, seq in cursors])
+        return [r[0] for r in records if r[2]], {r[0]: int(r[1]) for r in records if not r[2]}
 
     async def new_rows(self, cursors: Iterable[tuple[str, int]], per_recipient: int) -> list[NewRow]:
         """Rows after each recipient's cursor, grouped by recipient in cursor order, oldest first.
@@ -377,8 +412,8 @@ class RetentionStep:
 # ---- Publishing and the inbox: statements, results and errors ----
 
 # Rows are inserted in recipient order so that the trigger locks the recipients' counters in that order:
-# two multi-recipient statements can then never deadlock (DESIGN §1). The BEFORE trigger runs before the
-# conflict check, so a skipped row still uses up a seq: seqs are increasing, not dense (DESIGN §1).
+# two multi-recipient statements can then never deadlock (docs/protocol.md §1). The BEFORE trigger runs
+# before the conflict check, so a skipped row still uses up a seq: seqs are increasing, not dense.
 PUBLISH_INSERT = """
 INSERT INTO messages (recipient, event, data, key)
 SELECT r.recipient, $2, $3::jsonb, $4 FROM unnest($1::text[]) AS r(recipient)
@@ -484,6 +519,7 @@ class _Retry(Exception):
 _CONSTRAINT_FIELDS = {
     "messages_recipient_valid": "recipients",
     "messages_event_valid": "event",
+    "messages_event_not_reserved": "event",
     "messages_key_valid": "key",
 }
 

@@ -1,7 +1,7 @@
 """Recipient → live streams: one fetcher reads new rows in batches and copies them into bounded buffers.
 
 The hub never blocks on a stream: a stream whose client does not keep up is closed (it resumes from its
-Last-Event-ID), so one slow client cannot stall the others and memory stays bounded (DESIGN §2.4).
+Last-Event-ID), so one slow client cannot stall the others and memory stays bounded (docs/protocol.md §2.4).
 """
 
 from __future__ import annotations
@@ -396,10 +396,28 @@ class Hub(BackgroundTask):
         cursors = [(name, e.cursor) for name, e in self._recipients.items() if e.cursor is not None]
         try:
             for start in range(0, len(cursors), CHECK_CHUNK):
-                self._dirty.update(await self._db.behind(cursors[start : start + CHECK_CHUNK]))
+                behind, ahead = await self._db.drift(cursors[start : start + CHECK_CHUNK])
+                self._dirty.update(behind)
+                self._restart(ahead)
         except BaseException:
             self._check_all = True
             raise
+
+    def _restart(self, last_seqs: dict[str, int]) -> None:
+        """Close the streams of recipients whose cursor is past what the table holds.
+
+        The cursor only ever takes seqs of committed rows, so this means the data was reset, or a
+        notification claimed a row the table does not have. Their streams would skip every row up to the
+        bad seq: they end, and their clients resume from the table (a cursor ahead gets `reset` first).
+        """
+        for name, last_seq in last_seqs.items():
+            entry = self._recipients.get(name)
+            if entry is None:
+                continue
+            entry.cursor = min(entry.cursor or 0, last_seq)  # streams that join meanwhile start right
+            log.warning("a cursor is past the table's last seq; restarting %d stream(s)", len(entry.streams))
+            for stream in list(entry.streams):
+                stream.close(CloseReason.ERROR)
 
     async def _fetch_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()

@@ -1,7 +1,7 @@
 """The one LISTEN connection of a process: reconnects with capped backoff, resyncs, proves it is alive.
 
-NOTIFY is only a hint (DESIGN §2): after every (re)connect the hub re-reads every live recipient from its
-cursor, a periodic NOTIFY round trip catches a connection that died without a TCP reset, and a slow
+NOTIFY is only a hint (docs/protocol.md §2): after every (re)connect the hub re-reads every live recipient
+from its cursor, a periodic NOTIFY round trip catches a connection that died without a TCP reset, and a slow
 safety-net resync bounds the delay of any hint that was lost anyway.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Callable
 import asyncpg
 
 from .background import BackgroundTask
-from .db import LISTENER_APPLICATION_NAME, NOTIFY_CHANNEL, server_settings
-from .hints import Hint, parse_hint
+from .db import LISTENER_APPLICATION_NAME, Channel, notify_channel, server_settings
+from .hints import Hint, names_only, parse_hint
 
 log = logging.getLogger("pgpush.listener")
 
@@ -52,6 +52,7 @@ class Listener(BackgroundTask):
         self._probe_channel = f"pgpush_probe_{uuid.uuid4().hex[:12]}"
         self._probe_waiter: asyncio.Future[None] | None = None
         self._lost: asyncio.Event = asyncio.Event()
+        self._channel = Channel("", private=False)
         self.connected = False
         self.notifications = 0
         self.backend_pid: int | None = None
@@ -67,7 +68,8 @@ class Listener(BackgroundTask):
                 )
                 self._lost.clear()
                 conn.add_termination_listener(lambda _conn: self._lost.set())
-                await conn.add_listener(NOTIFY_CHANNEL, self._on_notification)
+                self._channel = await notify_channel(conn)
+                await conn.add_listener(self._channel.name, self._on_notification)
                 await conn.add_listener(self._probe_channel, self._on_probe)
                 # LISTEN is in place: anything committed from now on is announced, so re-read the rest.
                 self.connected = True
@@ -75,7 +77,12 @@ class Listener(BackgroundTask):
                 if not first and self._on_reconnect is not None:
                     self._on_reconnect()
                 first = False
-                log.info("listening on %r (backend pid %s)", NOTIFY_CHANNEL, self.backend_pid)
+                # The private channel's name is a secret: never logged.
+                log.info(
+                    "listening on the %s channel (backend pid %s)",
+                    "private" if self._channel.private else "legacy public",
+                    self.backend_pid,
+                )
                 self._on_connected()
                 backoff = 0.1
                 await self._supervise(conn)
@@ -107,6 +114,8 @@ class Listener(BackgroundTask):
                 return
             if loop.time() >= next_resync:
                 next_resync = loop.time() + self._safety_net_interval
+                if await self._channel_moved(conn):
+                    return
                 self._on_connected()
 
     async def _probe(self, conn: asyncpg.Connection) -> bool:
@@ -121,10 +130,24 @@ class Listener(BackgroundTask):
             self._probe_waiter = None
         return True
 
+    async def _channel_moved(self, conn: asyncpg.Connection) -> bool:
+        """True when a migration (0004 applied, or undone) changed the channel since we began listening."""
+        try:
+            current = await notify_channel(conn)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("could not check the notification channel: %r", exc)
+            return False
+        if current == self._channel:
+            return False
+        log.warning("the notification channel changed (a migration ran); listening again")
+        return True
+
     def _on_probe(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
         if self._probe_waiter is not None and not self._probe_waiter.done():
             self._probe_waiter.set_result(None)
 
     def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
-        self._on_hint(parse_hint(payload))
+        hint = parse_hint(payload)
+        # Anyone can send on the legacy public channel: there a notification may only name recipients.
+        self._on_hint(hint if self._channel.private else names_only(hint))

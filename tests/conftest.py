@@ -8,15 +8,17 @@ cloned from a template migrated once, and never touches one it did not create.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import jwt
@@ -30,6 +32,8 @@ from pgpush.migrate import migrate
 from pydantic import SecretStr
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256!"
+# The GRANTs the README tells operators to run, applied to every test database as they are.
+ROLES_SQL = Path(__file__).parent.parent / "deploy" / "roles.sql"
 
 
 def with_database(url: str, name: str) -> str:
@@ -79,12 +83,55 @@ def pg_url() -> Iterator[str]:
             cluster.stop("immediate")
 
 
+def as_role(url: str, role: str, password: str) -> str:
+    """The same server and database, logged in as another role."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{quote(role, safe='')}:{quote(password, safe='')}@{host}"))
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The service and writer roles of deploy/roles.sql, named for this session (roles are cluster-wide)."""
+
+    service: str
+    writer: str
+    password: str
+
+    def grants(self) -> str:
+        sql = ROLES_SQL.read_text()
+        return sql.replace("pgpush_service", self.service).replace("pgpush_writer", self.writer)
+
+    def service_url(self, database_url: str) -> str:
+        return as_role(database_url, self.service, self.password)
+
+    def writer_url(self, database_url: str) -> str:
+        return as_role(database_url, self.writer, self.password)
+
+
 @pytest.fixture(scope="session")
-def template_database(pg_url: str) -> Iterator[str]:
-    """A database migrated once; each test clones it (CREATE DATABASE … TEMPLATE)."""
+def roles(pg_url: str) -> Iterator[Roles]:
+    """Login roles with nothing but what deploy/roles.sql grants them in each test database."""
+    suffix = uuid.uuid4().hex[:8]
+    made = Roles(f"pgpush_service_{suffix}", f"pgpush_writer_{suffix}", uuid.uuid4().hex)
+    _admin(
+        pg_url,
+        *(f"CREATE ROLE {role} LOGIN PASSWORD '{made.password}'" for role in (made.service, made.writer)),
+    )
+    yield made
+    for role in (made.service, made.writer):
+        # A database a test left behind may still hold grants to it.
+        with contextlib.suppress(asyncpg.PostgresError):
+            _admin(pg_url, f"DROP ROLE IF EXISTS {role}")
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_url: str, roles: Roles) -> Iterator[str]:
+    """A database migrated once, with the roles' grants; each test clones it (CREATE DATABASE … TEMPLATE)."""
     name = f"pgpush_template_{uuid.uuid4().hex[:8]}"
     _admin(pg_url, f'CREATE DATABASE "{name}"')
     migrate(with_database(pg_url, name))
+    _admin(with_database(pg_url, name), roles.grants())
     try:
         yield name
     finally:
@@ -172,12 +219,17 @@ ServerFactory = Callable[..., Awaitable[RunningServer]]
 
 
 @pytest.fixture
-async def start_server(database_url: str) -> AsyncIterator[ServerFactory]:
-    """Start a server on the test's database with some settings overridden; all are stopped at the end."""
+async def start_server(database_url: str, roles: Roles) -> AsyncIterator[ServerFactory]:
+    """Start a server on the test's database with some settings overridden; all are stopped at the end.
+
+    It connects as the service role, with only the privileges deploy/roles.sql grants.
+    """
     servers: list[RunningServer] = []
+    service_url = roles.service_url(database_url)
 
     async def start(**overrides: Any) -> RunningServer:
-        running = await asyncio.to_thread(RunningServer(settings_for(database_url, **overrides)).start)
+        settings = settings_for(service_url, **overrides)
+        running = await asyncio.to_thread(RunningServer(settings).start)
         servers.append(running)
         await running.wait_for(lambda: running.listener_connected)
         return running

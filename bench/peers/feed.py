@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-CHANNEL = "pgpush"
+# pgpush's private channel (migration 0004): its name is in a table only the owner and the service read.
+CHANNEL_QUERY = "SELECT name FROM pgpush_channel"
 NEW_ROWS = """
 SELECT c.recipient, m.seq, m.event, m.data::text
 FROM unnest($1::text[], $2::bigint[]) AS c(recipient, after_seq)
@@ -38,7 +39,7 @@ RowHandler = Callable[[list[asyncpg.Record]], None]
 
 
 class Feed:
-    """LISTEN on 'pgpush'; for the recipients a hint names (or all, for '*'), read and hand on new rows."""
+    """LISTEN on pgpush's channel; for the recipients a hint names (or all, '*'), read and hand on rows."""
 
     def __init__(self, dsn: str, on_rows: RowHandler, wanted: Callable[[], set[str]]) -> None:
         self.dsn = dsn
@@ -50,12 +51,14 @@ class Feed:
         self.work = asyncio.Event()
         self.pool: asyncpg.Pool | None = None
         self.listen_conn: asyncpg.Connection | None = None
+        self.channel = ""
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=10)
         self.listen_conn = await asyncpg.connect(self.dsn)
-        await self.listen_conn.add_listener(CHANNEL, self._hint)
+        self.channel = str(await self.listen_conn.fetchval(CHANNEL_QUERY))
+        await self.listen_conn.add_listener(self.channel, self._hint)
         self.task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:

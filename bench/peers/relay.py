@@ -83,8 +83,8 @@ async def main(port: int) -> None:
 
     await feed.start()
     assert feed.listen_conn is not None
-    await feed.listen_conn.remove_listener("pgpush", original)
-    await feed.listen_conn.add_listener("pgpush", hint)
+    await feed.listen_conn.remove_listener(feed.channel, original)
+    await feed.listen_conn.add_listener(feed.channel, hint)
     print("relay ready", flush=True)
     await asyncio.Event().wait()
 

@@ -43,7 +43,8 @@ CREATE INDEX messages_unread_idx ON messages (recipient, seq) WHERE read_at IS N
     r"""
 -- seq values come from one sequence, taken only after the recipient's counter row is locked; the lock is
 -- held until the inserting transaction ends, so one recipient's rows commit in seq order: a reader that has
--- seen seq n committed can never later find a smaller one (DESIGN §2). seq is increasing, not dense.
+-- seen seq n committed can never later find a smaller one (docs/protocol.md §2). seq is increasing, not
+-- dense.
 CREATE SEQUENCE messages_seq_seq AS bigint OWNED BY messages.seq
 """,
     r"""

@@ -5,9 +5,9 @@ tab-separated: recipient, the recipient's last seq before this statement, seq, e
 seconds), data (jsonb text). A payload that carries rows still names their recipients first, so a release
 that reads only names (0.1.0, during a rolling upgrade or after a rollback) reads the table as before;
 this release skips a name whose rows came with it. The "last seq before" lets the hub prove it has every
-earlier row before it uses a carried one (DESIGN §2: the table stays the truth; a carried row only saves a
-read). Recipients and events hold no control characters and jsonb text escapes them, so tabs and newlines
-are unambiguous.
+earlier row before it uses a carried one (docs/protocol.md §2: the table stays the truth; a carried row
+only saves a read). Recipients and events hold no control characters and jsonb text escapes them, so tabs
+and newlines are unambiguous.
 
 Revision ID: 0002
 Revises: 0001

@@ -11,7 +11,7 @@ mode until it commits, and looks again once it has it. To go back to sleep, the 
 "awake", then takes "handover" exclusively, which waits for every statement that saw it awake, and only
 then reads the table a last time. The locks are not MVCC, so a REPEATABLE READ writer sees them as they are.
 `message_changes` is unlogged: after a crash it is empty, and the replicas resync from their cursors when
-their listeners reconnect (DESIGN §2.3), as for any lost hint. The table stays the truth.
+their listeners reconnect (docs/protocol.md §2.3), as for any lost hint. The table stays the truth.
 
 Revision ID: 0003
 Revises: 0002

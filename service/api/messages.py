@@ -1,4 +1,4 @@
-"""POST /messages: a publisher writes one message to up to 1,000 recipients (DESIGN §4).
+"""POST /messages: a publisher writes one message to up to 1,000 recipients (docs/protocol.md §4).
 
 The API writes to the same table as any SQL writer, so what it publishes is delivered exactly like a row
 inserted with psql: the trigger orders and announces it, the stream reads it.
@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, fi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..db import Database, IdempotencyConflict, InvalidMessage
+from ..table_rules import EVENT_PATTERN, reserved_event_problem
 from .deps import PublisherUser
 from .errors import ApiError, error_responses
 
@@ -25,7 +26,6 @@ log = logging.getLogger("pgpush.publish")
 router = APIRouter()
 
 MAX_RECIPIENTS = 1000
-EVENT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 def storable_text(value: str) -> str:
@@ -46,6 +46,14 @@ def no_control_characters(value: str) -> str:
     return storable_text(value)
 
 
+def not_reserved(event: str) -> str:
+    """Control events are the stream's own; the table's CHECK refuses them too (migration 0004)."""
+    problem = reserved_event_problem(event)
+    if problem is not None:
+        raise ValueError(problem)
+    return event
+
+
 Recipient = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(no_control_characters)]
 
 
@@ -57,7 +65,11 @@ class PublishRequest(BaseModel):
     recipients: list[Recipient] = Field(
         min_length=1, max_length=MAX_RECIPIENTS, description="Distinct users (JWT `sub`s), 1 to 1,000"
     )
-    event: str = Field(default="message", pattern=EVENT_PATTERN, description="The SSE event type")
+    event: Annotated[str, AfterValidator(not_reserved)] = Field(
+        default="message",
+        pattern=EVENT_PATTERN,
+        description="The SSE event type; not pause, reset, token_expired or a name starting with pgpush",
+    )
     data: JsonValue = Field(description="Any JSON value; at most PGPUSH_MAX_DATA_BYTES as compact JSON")
     key: Annotated[str, AfterValidator(storable_text)] | None = Field(
         default=None,

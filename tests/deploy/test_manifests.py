@@ -380,6 +380,9 @@ def test_topology_spread(overlay: str) -> None:
         assert selector_matches(constraint["labelSelector"]["matchLabels"], pod_labels)
 
 
+JWT_AND_DB = ("DATABASE_URL", "PGPUSH_JWT_SECRET")
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_and_secrets_wiring(overlay: str) -> None:
     resources = render(overlay)
@@ -394,9 +397,13 @@ def test_settings_and_secrets_wiring(overlay: str) -> None:
         c = container(workload)
         assert c["envFrom"] == [{"configMapRef": {"name": "pgpush-config"}}]
         env = {e["name"]: e for e in c["env"]}
-        for name in ("DATABASE_URL", "PGPUSH_JWT_SECRET"):
+        # The migration Job connects as the owner and gets no JWT key; the service as the service role.
+        migrating = workload["kind"] == "Job"
+        wanted = {"DATABASE_URL": "MIGRATE_DATABASE_URL"} if migrating else {n: n for n in JWT_AND_DB}
+        assert migrating is ("PGPUSH_JWT_SECRET" not in env)
+        for name, key in wanted.items():
             ref = env[name]["valueFrom"]["secretKeyRef"]
-            assert ref["name"] == "pgpush-secrets" and ref["key"] == name and not ref.get("optional")
+            assert ref["name"] == "pgpush-secrets" and ref["key"] == key and not ref.get("optional")
         assert all("value" not in e for e in c["env"]), "literal env values belong in the ConfigMap"
     listen = {e["name"]: e for e in container(one(resources, "Deployment"))["env"]}[
         "PGPUSH_LISTEN_DATABASE_URL"
@@ -596,7 +603,7 @@ def test_example_secret_holds_placeholders_only() -> None:
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "pgpush-secrets"
     assert "data" not in secret, "base64 would hide what the values are"
     keys = set(secret["stringData"])
-    assert keys == {"DATABASE_URL", "PGPUSH_LISTEN_DATABASE_URL", "PGPUSH_JWT_SECRET"}
+    assert keys == {"DATABASE_URL", "MIGRATE_DATABASE_URL", "PGPUSH_LISTEN_DATABASE_URL", "PGPUSH_JWT_SECRET"}
     for key, value in secret["stringData"].items():
         assert PLACEHOLDER in value, f"{key} must be an obvious placeholder"
         assert len(value.replace(PLACEHOLDER, "")) < 32 or ".invalid" in value, f"{key} looks real"

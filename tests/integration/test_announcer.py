@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 from pgpush import announcer
-from pgpush.db import NOTIFY_CHANNEL
+from pgpush.db import CHANNEL_QUERY
 from pgpush.hints import parse_hint
 
 from tests.conftest import ServerFactory, make_token
@@ -52,7 +52,7 @@ class Heard:
 async def heard(database_url: str) -> AsyncIterator[Heard]:
     conn = await asyncpg.connect(database_url)
     ledger = Heard()
-    await conn.add_listener(NOTIFY_CHANNEL, ledger)
+    await conn.add_listener(await conn.fetchval(CHANNEL_QUERY), ledger)
     yield ledger
     await conn.close()
 

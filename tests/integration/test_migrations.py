@@ -126,7 +126,8 @@ async def test_keys_are_unique_per_recipient(db: asyncpg.Connection) -> None:
 
 async def test_one_notification_per_statement_small_ones_carry_their_rows(db: asyncpg.Connection) -> None:
     received: list[str] = []
-    await db.add_listener("pgpush", lambda *args: received.append(args[3]))
+    channel = await db.fetchval("SELECT name FROM pgpush_channel")  # private since 0004
+    await db.add_listener(channel, lambda *args: received.append(args[3]))
     await db.execute("INSERT INTO messages (recipient, data) VALUES ('bob', '{\"a\": \"tab\\there\"}')")
     await db.execute(
         "INSERT INTO messages (recipient, data) VALUES ('bob', '1'), ('alice', '[1, 2]'), ('bob', '3')"
@@ -173,7 +174,8 @@ async def until(condition: Callable[[], bool]) -> None:
 async def test_downgrading_0003_announces_what_was_handed_over_and_upgrading_again_works(
     empty_database: str,
 ) -> None:
-    await asyncio.to_thread(migrate, empty_database)
+    # 0003 notifies on the public channel that 0004 makes private.
+    await asyncio.to_thread(migrate, empty_database, "0003")
     announcer_session, writer = await asyncpg.connect(empty_database), await asyncpg.connect(empty_database)
     received: list[str] = []
     try:
@@ -190,7 +192,7 @@ async def test_downgrading_0003_announces_what_was_handed_over_and_upgrading_aga
         assert received[0] == "*"  # the handed-over statement, as "everyone, re-read"
         assert received[1].startswith("bob\nbob\t")  # 0002's notification, with its row
 
-        await asyncio.to_thread(migrate, empty_database)
+        await asyncio.to_thread(migrate, empty_database, "0003")
         await writer.execute("INSERT INTO messages (recipient, data) VALUES ('carol', '3')")
         await until(lambda: len(received) == 3)
         assert received[2].startswith("carol\ncarol\t")
@@ -198,3 +200,15 @@ async def test_downgrading_0003_announces_what_was_handed_over_and_upgrading_aga
         await writer.close()
         if not announcer_session.is_closed():
             await announcer_session.close()
+
+
+def test_migrate_needs_no_jwt_key(empty_database: str) -> None:
+    """The migration Job is given the owner's DSN and nothing else (SECURITY.md)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pgpush", "migrate"],
+        env={"DATABASE_URL": empty_database, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
