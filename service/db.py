@@ -11,6 +11,8 @@ from typing import cast
 
 import asyncpg
 
+from .connections import PoolConnector
+
 APPLICATION_NAME = "pgpush"
 LISTENER_APPLICATION_NAME = "pgpush-listener"
 NOTIFY_CHANNEL = "pgpush"
@@ -144,7 +146,8 @@ class Database:
             max_size=max_size,
             timeout=5,
             command_timeout=30,
-            server_settings=server_settings(APPLICATION_NAME),
+            # Works through a transaction-mode pooler too (PgBouncer): see service/connections.py.
+            connect=PoolConnector(server_settings(APPLICATION_NAME)),
             reset=_reset_connection,
         )
         return cls(pool)
