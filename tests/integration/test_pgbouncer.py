@@ -11,6 +11,7 @@ Without a pgbouncer binary the module is skipped, unless PGPUSH_REQUIRE_PGBOUNCE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -23,8 +24,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import pytest
+from pgpush.embedded import EmbeddedPostgres
+from pgpush.migrate import migrate
 
-from tests.conftest import make_token
+from tests.conftest import RunningServer, make_token, settings_for, with_database
 from tests.faults.client import poll
 from tests.serve_process import HOST, ServerProcess, free_port
 from tests.sse_client import open_stream
@@ -66,10 +69,10 @@ class PgBouncer:
     def __init__(self, binary: str, server_url: str, folder: Path, pool_mode: str) -> None:
         server = urlsplit(server_url)
         self.port = free_port()
-        self._server = server
         folder.chmod(0o755)  # the unprivileged account reads the configuration
         users = folder / "users.txt"
-        users.write_text(f'"{server.username}" "{server.password or ""}"\n')
+        role, password = server.username or "postgres", server.password or ""
+        users.write_text(f'"{role}" "{password}"\n')
         config = folder / "pgbouncer.ini"
         # trust: the client is not asked for a password; pgbouncer logs in to Postgres with the one in
         # auth_file. default_pool_size 2: pgpush's ten pool connections share two server connections, so a
@@ -87,6 +90,7 @@ auth_file = {users}
 pool_mode = {pool_mode}
 default_pool_size = 2
 max_client_conn = 200
+server_login_retry = 1
 """
         )
         for path in (users, config):
@@ -102,7 +106,7 @@ max_client_conn = 200
     def url(self, database_url: str) -> str:
         """`database_url` (a database on the same server) reached through pgbouncer instead."""
         parts = urlsplit(database_url)
-        auth = self._server.username + (f":{self._server.password}" if self._server.password else "")
+        auth = parts.netloc.rpartition("@")[0]  # the same role and password: pgbouncer passes them on
         return urlunsplit(parts._replace(netloc=f"{auth}@{HOST}:{self.port}"))
 
     async def ready(self, database_url: str) -> None:
@@ -230,6 +234,45 @@ async def test_listen_through_a_transaction_mode_pgbouncer_stops_serve_with_a_cl
     assert code != 0
     assert "LISTEN connection reaches Postgres through a connection pooler" in server.output, server.output
     assert "PGPUSH_LISTEN_DATABASE_URL" in server.output
+
+
+@pytest.mark.timeout(120)
+async def test_listen_through_pgbouncer_noticed_after_an_outage_at_startup_shows_in_readiness(
+    pgbouncer_binary: str,
+) -> None:
+    """Postgres is down when serve starts (so startup goes on); once it is up, the listener finds the pooler,
+    gives up, and /readyz says `misconfigured` (strict: 503) while the process still accepts streams."""
+    async with contextlib.AsyncExitStack() as cleanup:
+        tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pgpush-late-pooler-")))
+        cluster = EmbeddedPostgres(tmp / "pg", durable=False)
+        admin = await asyncio.to_thread(cluster.start)
+        cleanup.push_async_callback(asyncio.to_thread, cluster.stop, "immediate")
+        conn = await asyncpg.connect(admin)
+        await conn.execute("CREATE DATABASE late")
+        await conn.close()
+        direct = with_database(admin, "late")
+        await asyncio.to_thread(migrate, direct)
+        await asyncio.to_thread(cluster.stop, "fast")
+        (tmp / "bouncer").mkdir()
+        bouncer = PgBouncer(pgbouncer_binary, admin, tmp / "bouncer", "transaction")
+        cleanup.callback(bouncer.stop)
+        settings = settings_for(direct, listen_database_url=bouncer.url(direct))
+        server = await asyncio.to_thread(RunningServer(settings).start)
+        cleanup.push_async_callback(asyncio.to_thread, server.stop)
+        await asyncio.to_thread(cluster.start)
+        client = await cleanup.enter_async_context(httpx.AsyncClient(base_url=server.url, timeout=10))
+
+        async def listener_gave_up() -> bool:
+            return bool((await client.get("/readyz")).json()["listener"] == "misconfigured")
+
+        await poll(listener_gave_up, within=60, what="the listener found the pooler")
+        plain = await client.get("/readyz")
+        assert plain.status_code == 200, plain.text
+        assert plain.json() == {"status": "degraded", "database": "up", "listener": "misconfigured"}
+        strict = await client.get("/readyz", params={"strict": "true"})
+        assert strict.status_code == 503, strict.text
+        assert strict.json()["detail"] == "not ready: the listener is misconfigured"
+        assert "PGPUSH_LISTEN_DATABASE_URL" in (server.app.state.listener.failure or "")
 
 
 @pytest.mark.timeout(60)
