@@ -1,6 +1,6 @@
 """The one LISTEN connection of a process: reconnects with capped backoff, resyncs, proves it is alive.
 
-NOTIFY is only a hint (DESIGN §2): after every (re)connect the hub re-reads every live recipient from its
+NOTIFY is only a hint: after every (re)connect the hub re-reads every live recipient from its
 cursor, a periodic NOTIFY round trip catches a connection that died without a TCP reset, and a slow
 safety-net resync bounds the delay of any hint that was lost anyway.
 """
@@ -165,18 +165,19 @@ class Listener(BackgroundTask):
                 await notifier.execute(f"NOTIFY {self._probe_channel}", timeout=self._probe_timeout)
             finally:
                 await notifier.close(timeout=self._probe_timeout)
-            await asyncio.wait_for(self._probe_waiter, self._probe_timeout)
-        except TimeoutError:
-            if await behind_pooler(conn):
-                raise ListenThroughPooler(
-                    "the LISTEN connection reaches Postgres through a connection pooler in transaction mode "
-                    "(PgBouncer or alike), where notifications cannot arrive: point "
-                    "PGPUSH_LISTEN_DATABASE_URL at Postgres itself (or at a session-mode pool); "
-                    "DATABASE_URL may keep going through the pooler"
+            try:
+                await asyncio.wait_for(self._probe_waiter, self._probe_timeout)
+            except TimeoutError:
+                if await asyncio.wait_for(behind_pooler(conn), self._probe_timeout):
+                    raise ListenThroughPooler(
+                        "the LISTEN connection reaches Postgres through a connection pooler in transaction "
+                        "mode (PgBouncer or alike), where notifications cannot arrive: point "
+                        "PGPUSH_LISTEN_DATABASE_URL at Postgres itself (or at a session-mode pool); "
+                        "DATABASE_URL may keep going through the pooler"
+                    ) from None
+                raise SilentListenConnection(
+                    f"a notification from another session did not arrive within {self._probe_timeout:.1f}s"
                 ) from None
-            raise SilentListenConnection(
-                f"a notification from another session did not arrive within {self._probe_timeout:.1f}s"
-            ) from None
         finally:
             self._probe_waiter = None
 

@@ -1,4 +1,4 @@
-"""Postgres stopped and started again under streams and retrying writers (DESIGN §2.3, §3 "unreachable").
+"""Postgres stopped and started again under streams and retrying writers: the streams stay open and catch up.
 
 /readyz?strict=true turns 503 and back to 200 by itself while /readyz stays 200 (the process accepts streams
 all along), every stream stays open, and every committed row arrives once.

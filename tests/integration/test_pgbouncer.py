@@ -1,4 +1,4 @@
-"""pgpush behind PgBouncer in transaction mode, as DESIGN §5's PGPUSH_LISTEN_DATABASE_URL describes it.
+"""pgpush behind PgBouncer in transaction mode, with PGPUSH_LISTEN_DATABASE_URL as its LISTEN session.
 
 The query pool goes through a real PgBouncer (Debian's `pgbouncer`, started here on a free port as an
 unprivileged user, with only two server connections per database so that pgpush's connections share
