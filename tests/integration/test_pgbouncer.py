@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import pytest
+from pgpush.db import Database
 from pgpush.embedded import EmbeddedPostgres
 from pgpush.migrate import migrate
 
@@ -75,7 +76,8 @@ class PgBouncer:
         users.write_text(f'"{role}" "{password}"\n')
         config = folder / "pgbouncer.ini"
         # trust: the client is not asked for a password; pgbouncer logs in to Postgres with the one in
-        # auth_file. default_pool_size 2: pgpush's ten pool connections share two server connections, so a
+        # auth_file. default_pool_size 2 and server_round_robin (idle server connections used in turn):
+        # pgpush's ten pool connections share two server connections, each transaction on the other, so a
         # statement prepared on one is missing on the next transaction unless the cache is off.
         config.write_text(
             f"""[databases]
@@ -91,6 +93,7 @@ pool_mode = {pool_mode}
 default_pool_size = 2
 max_client_conn = 200
 server_login_retry = 1
+server_round_robin = 1
 """
         )
         for path in (users, config):
@@ -273,6 +276,37 @@ async def test_listen_through_pgbouncer_noticed_after_an_outage_at_startup_shows
         assert strict.status_code == 503, strict.text
         assert strict.json()["detail"] == "not ready: the listener is misconfigured"
         assert "PGPUSH_LISTEN_DATABASE_URL" in (server.app.state.listener.failure or "")
+
+
+LOCK_KEY = 7_707_707
+HELD = """
+SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND objid = $1
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+@pytest.mark.timeout(60)
+async def test_the_one_replica_lock_through_pgbouncer_is_released_and_exclusive(
+    pgbouncer: StartBouncer, database_url: str, db: asyncpg.Connection
+) -> None:
+    """Retention runs on one replica at a time under Database.exclusive; through a transaction pooler a
+    session advisory lock would stay on one server connection while the unlock ran on the other."""
+    bouncer = await pgbouncer("transaction")
+    database = await Database.connect(bouncer.url(database_url))
+    try:
+        # Both server connections exist and are in the pooler's rotation.
+        await asyncio.gather(*(database.pool.execute("SELECT pg_sleep(0.1)") for _ in range(2)))
+        async with database.exclusive(LOCK_KEY) as held:
+            assert held
+            await database.pool.fetchval("SELECT 1")  # the sweep's own statements meanwhile
+            assert not await db.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY), "held: others wait"
+        assert await db.fetchval(HELD, LOCK_KEY) == 0, "released: no lock left behind in the pooler"
+        async with database.exclusive(LOCK_KEY) as held_again:
+            assert held_again, "the next run takes it again"
+        assert await db.fetchval(HELD, LOCK_KEY) == 0
+    finally:
+        await database.close()
 
 
 @pytest.mark.timeout(60)
