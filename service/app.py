@@ -62,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
             on_hint=on_hint,
             on_connected=hub.resync,
             on_reconnect=metrics.listener_reconnects.inc,
+            on_probe_failed=metrics.listener_probe_failures.inc,
             probe_interval=settings.listener_probe_seconds,
             probe_timeout=settings.listener_probe_timeout_seconds,
             safety_net_interval=settings.safety_net_seconds,
@@ -92,6 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
             announcer.start()
         retention.start()
         try:
+            await _refuse_a_pooled_listener(listener)
             yield
         finally:
             await retention.stop()
@@ -127,6 +129,17 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(CORSMiddleware, **_cors_options(settings))
         app.stream_entry = CORSMiddleware(events.serve_stream, **_cors_options(settings))
     return app
+
+
+async def _refuse_a_pooled_listener(listener: Listener) -> None:
+    """Fail startup when the listener's first connection finds a transaction-mode pooler in its way.
+
+    pgpush starts while Postgres is down, so a first attempt that cannot connect lets startup go on; a
+    pooler found later is logged and shown by /readyz (`"listener": "misconfigured"`).
+    """
+    await listener.first_attempt()
+    if listener.failure is not None:
+        raise RuntimeError(listener.failure)
 
 
 def _cors_options(settings: Settings) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from typing import cast
 
 import asyncpg
 
+from .connections import PoolConnector
+
 APPLICATION_NAME = "pgpush"
 LISTENER_APPLICATION_NAME = "pgpush-listener"
 # The public channel of releases up to 0.3.0: it is only listened on while the database has not been
@@ -166,22 +168,30 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
 class Database:
     """The pool. Streams never hold a connection: each call borrows one for a single statement."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, connector: PoolConnector | None = None) -> None:
         self.pool = pool
+        self._connector = connector
+
+    @property
+    def pooled(self) -> bool:
+        """True once a connection has shown that a pooler (PgBouncer) sits between us and Postgres."""
+        return bool(self._connector is not None and self._connector.pooled)
 
     @classmethod
     async def connect(cls, dsn: str, *, max_size: int = 10) -> Database:
         """A lazy pool: no connection is opened until needed, so pgpush starts while Postgres is down."""
+        connector = PoolConnector(server_settings(APPLICATION_NAME))
         pool = await asyncpg.create_pool(
             dsn,
             min_size=0,
             max_size=max_size,
             timeout=5,
             command_timeout=30,
-            server_settings=server_settings(APPLICATION_NAME),
+            # Works through a transaction-mode pooler too (PgBouncer): see service/connections.py.
+            connect=connector,
             reset=_reset_connection,
         )
-        return cls(pool)
+        return cls(pool, connector)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -328,8 +338,16 @@ class Database:
 
     @asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[bool]:
-        """A session advisory lock on one pooled connection: True when this process holds it."""
+        """A session advisory lock on one pooled connection: True when this process holds it.
+
+        Behind a transaction-mode pooler a session lock would stay on whichever server connection took it
+        (and the unlock land on another), so there the lock is a transaction's, held open meanwhile.
+        """
         async with self.pool.acquire() as conn:
+            if self.pooled:
+                async with conn.transaction():
+                    yield bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", key))
+                return
             held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
             try:
                 yield held

@@ -292,6 +292,11 @@ class Hub(BackgroundTask):
         entry = self._recipients.get(recipient)
         return len(entry.streams) if entry else 0
 
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown() began: new streams are refused (readiness reports it)."""
+        return not self._closing
+
     def shutdown(self) -> None:
         """Ask every stream to say goodbye (the writer sends the jittered retry); refuse new ones."""
         self._closing = True

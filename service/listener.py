@@ -8,19 +8,32 @@ safety-net resync bounds the delay of any hint that was lost anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
+from typing import Literal
 
 import asyncpg
 
 from .background import BackgroundTask
-from .db import LISTENER_APPLICATION_NAME, Channel, notify_channel, server_settings
+from .connections import behind_pooler, connect
+from .db import APPLICATION_NAME, LISTENER_APPLICATION_NAME, Channel, notify_channel, server_settings
 from .hints import Hint, names_only, parse_hint
 
 log = logging.getLogger("pgpush.listener")
 
 HintHandler = Callable[[Hint], None]
+ListenerState = Literal["connected", "disconnected", "misconfigured"]
+CONNECT_TIMEOUT = 5.0
+
+
+class ListenThroughPooler(Exception):
+    """The LISTEN connection reaches Postgres through a transaction-mode pooler: no notification arrives."""
+
+
+class SilentListenConnection(Exception):
+    """A notification sent from another session did not arrive on the listening connection in time."""
 
 
 class Listener(BackgroundTask):
@@ -39,11 +52,13 @@ class Listener(BackgroundTask):
         safety_net_interval: float,
         backoff_max: float,
         on_reconnect: Callable[[], None] | None = None,
+        on_probe_failed: Callable[[], None] | None = None,
     ) -> None:
         self._dsn = dsn
         self._on_hint = on_hint
         self._on_connected = on_connected
         self._on_reconnect = on_reconnect
+        self._on_probe_failed = on_probe_failed
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
         self._safety_net_interval = safety_net_interval
@@ -56,6 +71,22 @@ class Listener(BackgroundTask):
         self.connected = False
         self.notifications = 0
         self.backend_pid: int | None = None
+        # Set once the first connection attempt has ended either way (the app waits for it at startup).
+        self.first_attempt_done = asyncio.Event()
+        # Why the listener gave up for good: a configuration only the operator can fix.
+        self.failure: str | None = None
+
+    async def first_attempt(self) -> None:
+        """Until the first connection attempt has ended, or as long as one can take."""
+        bound = 2 * CONNECT_TIMEOUT + 2 * self._probe_timeout  # two connects, LISTEN and the round trip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.first_attempt_done.wait(), bound)
+
+    @property
+    def state(self) -> ListenerState:
+        if self.failure is not None:
+            return "misconfigured"
+        return "connected" if self.connected else "disconnected"
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -63,16 +94,18 @@ class Listener(BackgroundTask):
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(
-                    self._dsn, timeout=5, server_settings=server_settings(LISTENER_APPLICATION_NAME)
+                conn = await connect(
+                    self._dsn, server_settings(LISTENER_APPLICATION_NAME), timeout=CONNECT_TIMEOUT
                 )
                 self._lost.clear()
                 conn.add_termination_listener(lambda _conn: self._lost.set())
                 self._channel = await notify_channel(conn)
                 await conn.add_listener(self._channel.name, self._on_notification)
                 await conn.add_listener(self._probe_channel, self._on_probe)
+                await self._prove_notifications_arrive(conn)
                 # LISTEN is in place: anything committed from now on is announced, so re-read the rest.
                 self.connected = True
+                self.first_attempt_done.set()
                 self.backend_pid = conn.get_server_pid()
                 if not first and self._on_reconnect is not None:
                     self._on_reconnect()
@@ -88,10 +121,15 @@ class Listener(BackgroundTask):
                 await self._supervise(conn)
             except asyncio.CancelledError:
                 raise
+            except ListenThroughPooler as exc:
+                self.failure = str(exc)
+                log.error("%s", exc)
+                return  # no retry can help: only a restart with a direct URL can
             except Exception as exc:
                 log.warning("listener connection failed: %r; reconnecting in %.1fs", exc, backoff)
             finally:
                 self.connected = False
+                self.first_attempt_done.set()
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(backoff)
@@ -111,12 +149,46 @@ class Listener(BackgroundTask):
                 return
             if not await self._probe(conn):
                 log.warning("listener probe got no answer in %.1fs; reconnecting", self._probe_timeout)
+                if self._on_probe_failed is not None:
+                    self._on_probe_failed()
                 return
             if loop.time() >= next_resync:
                 next_resync = loop.time() + self._safety_net_interval
                 if await self._channel_moved(conn):
                     return
                 self._on_connected()
+
+    async def _prove_notifications_arrive(self, conn: asyncpg.Connection) -> None:
+        """NOTIFY from another session and wait for it here: LISTEN works only on a session of its own.
+
+        Behind a transaction-mode pooler the LISTEN stays on a server connection that other clients then
+        borrow, so the notification goes elsewhere; the periodic probe, sent over the listening session,
+        would come back all the same and hide it.
+        """
+        self._probe_waiter = asyncio.get_running_loop().create_future()
+        try:
+            notifier = await connect(
+                self._dsn, server_settings(APPLICATION_NAME), timeout=CONNECT_TIMEOUT, statement_cache_size=0
+            )
+            try:
+                await notifier.execute(f"NOTIFY {self._probe_channel}", timeout=self._probe_timeout)
+            finally:
+                await notifier.close(timeout=self._probe_timeout)
+            try:
+                await asyncio.wait_for(self._probe_waiter, self._probe_timeout)
+            except TimeoutError:
+                if await asyncio.wait_for(behind_pooler(conn), self._probe_timeout):
+                    raise ListenThroughPooler(
+                        "the LISTEN connection reaches Postgres through a connection pooler in transaction "
+                        "mode (PgBouncer or alike), where notifications cannot arrive: point "
+                        "PGPUSH_LISTEN_DATABASE_URL at Postgres itself (or at a session-mode pool); "
+                        "DATABASE_URL may keep going through the pooler"
+                    ) from None
+                raise SilentListenConnection(
+                    f"a notification from another session did not arrive within {self._probe_timeout:.1f}s"
+                ) from None
+        finally:
+            self._probe_waiter = None
 
     async def _probe(self, conn: asyncpg.Connection) -> bool:
         """NOTIFY ourselves over the listening connection and wait for it to come back."""

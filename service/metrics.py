@@ -43,6 +43,11 @@ class Metrics:
         self.listener_reconnects = Counter(
             "pgpush_listener_reconnects_total", "Times the LISTEN connection was re-established", registry=r
         )
+        self.listener_probe_failures = Counter(
+            "pgpush_listener_probe_failures_total",
+            "NOTIFY round trips over the LISTEN connection that got no answer in time (each one reconnects)",
+            registry=r,
+        )
         self.listener_connected = Gauge(
             "pgpush_listener_connected", "1 while the LISTEN connection is up", registry=r
         )

@@ -62,14 +62,15 @@ class ServerProcess:
         return "".join(self.lines)
 
     async def ready(self, within: float = 60) -> None:
-        """Until /readyz answers 200; fails at once if the process exits."""
+        """Until /readyz?strict=true answers 200 (Postgres and the listener are up); fails at once if the
+        process exits."""
         async with asyncio.timeout(within), httpx.AsyncClient(base_url=self.url) as client:
             while True:
                 if self.process.poll() is not None:
                     self._drain.join(5)
                     raise AssertionError(f"pgpush serve exited with {self.process.returncode}: {self.output}")
                 try:
-                    if (await client.get("/readyz")).status_code == 200:
+                    if (await client.get("/readyz?strict=true")).status_code == 200:
                         return
                 except httpx.TransportError:
                     pass

@@ -1,4 +1,9 @@
-"""Postgres stopped and restarted under live streams: they stay open, catch up, /readyz tells the truth."""
+"""Postgres stopped and restarted under live streams: they stay open, catch up, /readyz tells the truth.
+
+During the outage the process still accepts streams, so `/readyz` (what Kubernetes probes) stays 200 and
+says what is down; `/readyz?strict=true` (what monitors watch) is 503 until Postgres and the listener are
+back.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ async def own_cluster(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedPostgres, s
     await asyncio.to_thread(cluster.stop, "immediate")
 
 
-async def readyz(client: httpx.AsyncClient) -> int:
-    return (await client.get("/readyz")).status_code
+async def strict_readyz(client: httpx.AsyncClient) -> int:
+    return (await client.get("/readyz", params={"strict": "true"})).status_code
 
 
 async def test_streams_survive_a_postgres_restart_and_catch_up(
@@ -50,7 +55,17 @@ async def test_streams_survive_a_postgres_restart_and_catch_up(
 
             await asyncio.to_thread(cluster.stop, "fast")
             await server.wait_for(lambda: not server.listener_connected)
-            assert await readyz(client) == 503
+            strict = await client.get("/readyz", params={"strict": "true"})
+            assert strict.status_code == 503, strict.text
+            assert strict.json() == {
+                "error": "not_ready",
+                "detail": "not ready: Postgres does not answer and the listener is disconnected",
+                "database": "down",
+                "listener": "disconnected",
+            }
+            plain = await client.get("/readyz")  # the pod still accepts streams: it stays in the Service
+            assert plain.status_code == 200, plain.text
+            assert plain.json() == {"status": "degraded", "database": "down", "listener": "disconnected"}
             assert (await client.get("/healthz")).status_code == 200
             alice = {"Authorization": f"Bearer {make_token('alice')}"}
             for refused in (
@@ -77,8 +92,10 @@ async def test_streams_survive_a_postgres_restart_and_catch_up(
             assert [e.data for e in await before.messages(2, timeout=10)] == ["2", "3"]
             assert [e.data for e in await during.messages(3, timeout=10)] == ["1", "2", "3"]
             async with asyncio.timeout(10):
-                while await readyz(client) != 200:
+                while await strict_readyz(client) != 200:
                     await asyncio.sleep(0.1)
+            ready = await client.get("/readyz")
+            assert ready.json() == {"status": "ready", "database": "up", "listener": "connected"}
             await before.close()
             await during.close()
     finally:
