@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,16 +53,29 @@ JOIN message_counters AS m ON m.recipient = c.recipient
 WHERE m.last_seq > c.after_seq
 """
 
-# New rows for many recipients in one round trip, each from its own cursor, at most $3 per recipient.
+# New rows for many recipients in one round trip, each from its own cursor, at most row_limit rows and
+# `budget` bytes of frames per recipient (its streams' free buffer space): one read never hands a stream
+# more than it can hold, whatever the statement or row size. The first row comes even when larger, so a
+# row bigger than the budget cannot wedge its recipient (a stream it overflows resumes from the table,
+# whose replay sends it). `page_rows` (rows read before the byte cut) tells the hub whether rows were
+# left behind.
 # created_at comes as epoch seconds: a float is all the latency metric needs and is cheaper to decode.
 NEW_ROWS = """
-SELECT c.recipient, m.seq, m.event, m.data::text AS data, extract(epoch FROM m.created_at)::float8
-FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS c(recipient, after_seq, ord)
+SELECT c.recipient, m.seq, m.event, m.data, m.created, m.page_rows
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[]) WITH ORDINALITY
+    AS c(recipient, after_seq, budget, row_limit, ord)
 CROSS JOIN LATERAL (
-    SELECT seq, event, data, created_at FROM messages
-    WHERE recipient = c.recipient AND seq > c.after_seq
-    ORDER BY seq LIMIT $3
+    SELECT seq, event, data, created, count(*) OVER () AS page_rows,
+           sum(octet_length(data) + octet_length(event) + 40) OVER (ORDER BY seq) AS running,
+           row_number() OVER (ORDER BY seq) AS n
+    FROM (
+        SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 AS created
+        FROM messages
+        WHERE recipient = c.recipient AND seq > c.after_seq
+        ORDER BY seq LIMIT c.row_limit
+    ) AS page
 ) AS m
+WHERE m.running <= c.budget OR m.n = 1
 ORDER BY c.ord, m.seq
 """
 
@@ -106,8 +119,19 @@ class Snapshot:
     unread: list[Row] | None  # None: not read, or more than the reader asked for
 
 
-# (recipient, seq, event, jsonb text, created_at epoch seconds), as NEW_ROWS returns them.
-NewRow = tuple[str, int, str, str, float]
+@dataclass(frozen=True, slots=True)
+class RowsRead:
+    """One recipient's part of a NEW_ROWS read: after which seq, at most how many bytes and rows."""
+
+    recipient: str
+    after: int
+    budget: int
+    row_limit: int
+
+
+# (recipient, seq, event, jsonb text, created_at epoch seconds, rows read before the byte cut), as NEW_ROWS
+# returns them.
+NewRow = tuple[str, int, str, str, float, int]
 
 
 def server_settings(application_name: str) -> dict[str, str]:
@@ -188,16 +212,23 @@ class Database:
         records = await self.pool.fetch(BEHIND, [r for r, _ in cursors], [seq for _, seq in cursors])
         return [record[0] for record in records]
 
-    async def new_rows(self, cursors: Iterable[tuple[str, int]], per_recipient: int) -> list[NewRow]:
-        """Rows after each recipient's cursor, grouped by recipient in cursor order, oldest first.
+    async def new_rows(self, reads: Sequence[RowsRead]) -> list[NewRow]:
+        """Rows after each recipient's cursor, within its row and byte limits, grouped by recipient in
+        `reads` order, oldest first (NEW_ROWS says how the byte limit is applied).
 
         The records are returned as they come (tuple-like): the hub reads millions of them, and copying
         each into an object of ours was a seventh of its time.
         """
-        pairs = list(cursors)
-        recipients = [recipient for recipient, _ in pairs]
-        after = [seq for _, seq in pairs]
-        return cast(list[NewRow], await self.pool.fetch(NEW_ROWS, recipients, after, per_recipient))
+        return cast(
+            list[NewRow],
+            await self.pool.fetch(
+                NEW_ROWS,
+                [r.recipient for r in reads],
+                [r.after for r in reads],
+                [r.budget for r in reads],
+                [r.row_limit for r in reads],
+            ),
+        )
 
     async def unread_boundary(self, recipient: str, upto: int, newest: int) -> int | None:
         """The seq just before the newest `newest` unread rows, or None when there are no more than that."""
