@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypeVar
 
 from .background import BackgroundTask
 from .db import UNAVAILABLE_ERRORS, Database, NewRow, Row, RowsRead, Snapshot
@@ -18,6 +19,8 @@ from .hints import CarriedRow, Hint
 from .sse import compact_json, message_frame
 
 log = logging.getLogger("pgpush.hub")
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Recipients per fetch query, and rows per query shared among them: small queries let the first events
 # leave while later ones are still being read (a 100,000-row burst used to wait for one giant query).
@@ -280,6 +283,10 @@ class Stream:
             self.send_guard.reschedule(asyncio.get_running_loop().time())
 
 
+def _recipient_of(read: RowsRead) -> str:
+    return read.recipient
+
+
 def _resolve(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -348,6 +355,10 @@ class Hub(BackgroundTask):
             entry = self._recipients[recipient] = _Recipient()
             self._newcomers.add(recipient)
             self._work.set()  # its cursor is read by the fetcher, batched with other newcomers
+        elif entry.cursor is None and entry.ready.cancelled():
+            entry.ready = _new_future()  # its last cursor read failed (_poisoned): try again for this one
+            self._newcomers.add(recipient)
+            self._work.set()
         stream = Stream(recipient, self._buffer_bytes, self._on_room)
         if entry.cursor is not None:
             stream.start = Snapshot(entry.cursor, None)
@@ -464,15 +475,52 @@ class Hub(BackgroundTask):
             batch = names[start : start + FETCH_CHUNK]
             chunk = {name: entry for name in batch if (entry := self._recipients.get(name)) is not None}
             try:
-                snapshots = await self._db.newcomers(list(chunk), NEWCOMER_UNREAD)
+                parts = await self._isolating(list(chunk), self._read_newcomers, str)
             except BaseException:
                 self._newcomers.update(names[start:])
                 raise
-            for name, entry in chunk.items():
-                if self._recipients.get(name) is not entry:
-                    continue  # left while we were reading
-                entry.cursor = snapshots[name].seq
-                entry.ready.set_result(snapshots[name])  # every stream that waited for it
+            for _, snapshots in parts:
+                for name, snapshot in snapshots.items():
+                    entry = chunk[name]
+                    if self._recipients.get(name) is not entry:
+                        continue  # left while we were reading
+                    entry.cursor = snapshot.seq
+                    entry.ready.set_result(snapshot)  # every stream that waited for it
+
+    async def _read_newcomers(self, names: list[str]) -> dict[str, Snapshot]:
+        return await self._db.newcomers(names, NEWCOMER_UNREAD)
+
+    async def _isolating(
+        self, items: list[T], read: Callable[[list[T]], Awaitable[R]], recipient: Callable[[T], str]
+    ) -> list[tuple[list[T], R]]:
+        """`read(items)`, or when it fails for a reason other than Postgres being unavailable (a row
+        Postgres cannot send or we cannot decode, say), the read of each half, down to the one recipient
+        it fails for, whose streams are closed: one bad row never stalls the others in its batch."""
+        try:
+            return [(items, await read(items))]
+        except UNAVAILABLE_ERRORS:
+            raise
+        except Exception as exc:
+            if len(items) == 1:
+                self._poisoned(recipient(items[0]), exc)
+                return []
+            middle = len(items) // 2
+            first = await self._isolating(items[:middle], read, recipient)
+            return first + await self._isolating(items[middle:], read, recipient)
+
+    def _poisoned(self, recipient: str, exc: Exception) -> None:
+        """Reading this recipient's rows fails: close its streams (each client retries after its delay)."""
+        log.error(
+            "reading one recipient's rows failed; closing its streams: %r", exc, extra={"user": recipient}
+        )
+        self._dirty.discard(recipient)
+        entry = self._recipients.get(recipient)
+        if entry is None:
+            return
+        if entry.cursor is None:
+            entry.ready.cancel()  # the streams waiting for it end; a new one asks again (open)
+        for stream in list(entry.streams):
+            stream.close(CloseReason.ERROR)
 
     async def _check_cursors(self) -> None:
         if not self._check_all:
@@ -518,11 +566,13 @@ class Hub(BackgroundTask):
                 for name, entry, room in chunk
             ]  # the walrus keeps each budget next to the row limit derived from it
             try:
-                rows = await self._db.new_rows(reads)
+                parts = await self._isolating(reads, self._db.new_rows, _recipient_of)
             except BaseException:
                 self._dirty.update(name for name, _, _ in targets[start:])
                 raise
-            self._dispatch({name: entry for name, entry, _ in chunk}, reads, rows)
+            entries = {name: entry for name, entry, _ in chunk}
+            for part, rows in parts:
+                self._dispatch(entries, part, rows)
         if self._dirty:
             self._work.set()
 
@@ -558,6 +608,11 @@ class Hub(BackgroundTask):
                 continue
             entry.cursor = frames[-1].seq
             for stream in list(entry.streams):
-                stream.push_live(frames)
+                try:
+                    stream.push_live(frames)
+                except Exception:
+                    # One stream's failure is its own: the others of this recipient and batch go on.
+                    log.exception("handing rows to a stream failed; closing it", extra={"user": name})
+                    stream.close(CloseReason.ERROR)
         if self._on_rows is not None:
             self._on_rows(len(rows))
