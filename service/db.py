@@ -86,17 +86,22 @@ WHERE recipient = $1 AND read_at IS NULL AND seq <= $2
 ORDER BY seq DESC OFFSET $3 LIMIT 1
 """
 
+# Unread rows with $2 < seq <= $3, at most $4 rows and $5 bytes of frames (the first row always comes), and
+# how many rows the page held before the byte cut: a replay never holds more than one stream buffer.
 UNREAD_PAGE = """
-SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 FROM messages
-WHERE recipient = $1 AND read_at IS NULL AND seq > $2 AND seq <= $3
-ORDER BY seq LIMIT $4
-"""
-
-# The newest $3 unread rows up to $2, newest first: one round trip fills a fresh stream in the usual case.
-NEWEST_UNREAD = """
-SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 FROM messages
-WHERE recipient = $1 AND read_at IS NULL AND seq <= $2
-ORDER BY seq DESC LIMIT $3
+SELECT seq, event, data, created, page_rows FROM (
+    SELECT seq, event, data, created, count(*) OVER () AS page_rows,
+           sum(octet_length(data) + octet_length(event) + 40) OVER (ORDER BY seq) AS running,
+           row_number() OVER (ORDER BY seq) AS n
+    FROM (
+        SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 AS created
+        FROM messages
+        WHERE recipient = $1 AND read_at IS NULL AND seq > $2 AND seq <= $3
+        ORDER BY seq LIMIT $4
+    ) AS page
+) AS m
+WHERE running <= $5 OR n = 1
+ORDER BY seq
 """
 
 
@@ -235,15 +240,15 @@ class Database:
         value = await self.pool.fetchval(UNREAD_BOUNDARY, recipient, upto, newest)
         return int(value) if value is not None else None
 
-    async def newest_unread(self, recipient: str, upto: int, limit: int) -> list[Row]:
-        """The newest `limit` unread rows with seq <= upto, oldest first."""
-        records = await self.pool.fetch(NEWEST_UNREAD, recipient, upto, limit)
-        return [Row(recipient, r[0], r[1], r[2], r[3]) for r in reversed(records)]
-
-    async def unread_page(self, recipient: str, after: int, upto: int, limit: int) -> list[Row]:
-        """Unread rows with after < seq <= upto, oldest first."""
-        records = await self.pool.fetch(UNREAD_PAGE, recipient, after, upto, limit)
-        return [Row(recipient, r[0], r[1], r[2], r[3]) for r in records]
+    async def unread_page(
+        self, recipient: str, after: int, upto: int, limit: int, budget: int
+    ) -> tuple[list[Row], bool]:
+        """Unread rows with after < seq <= upto, oldest first, at most `limit` rows and about `budget`
+        bytes of frames; and whether rows were left out (by either limit)."""
+        records = await self.pool.fetch(UNREAD_PAGE, recipient, after, upto, limit, budget)
+        rows = [Row(recipient, r[0], r[1], r[2], r[3]) for r in records]
+        more = bool(records) and (len(records) < records[0][4] or len(records) >= limit)
+        return rows, more
 
     # ---- Publishing and the inbox (POST /messages, GET /me/messages, POST /me/messages/read, CLI) ----
 

@@ -143,6 +143,11 @@ class Stream:
         self._drain_waiter: asyncio.Future[None] | None = None
 
     @property
+    def buffer_bytes(self) -> int:
+        """The bound of this stream's buffer (PGPUSH_STREAM_BUFFER_BYTES)."""
+        return self._limit
+
+    @property
     def room(self) -> int:
         """Bytes of live frames the stream can take before it is over its bound."""
         used = self._held_bytes if self._held is not None else self._bytes

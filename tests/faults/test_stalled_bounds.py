@@ -46,7 +46,7 @@ class StalledClient:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int, token: str) -> StalledClient:
+    async def open(cls, port: int, token: str, last_event_id: int | None = None) -> StalledClient:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         sock.setblocking(False)
@@ -192,3 +192,37 @@ async def test_stalled_streams_stay_within_their_bound_and_are_cut_while_healthy
 
 async def _streams(serve: ServerProcess, count: int) -> bool:
     return await serve.metric("pgpush_streams") == count
+
+
+@pytest.mark.timeout(120)
+async def test_stalled_clients_resuming_from_a_cursor_hold_one_buffer_of_their_replay(
+    serve: ServerProcess, db: asyncpg.Connection
+) -> None:
+    """Clients that resume after a cut get their unread rows from the table in pages of one stream buffer,
+    each sent before the next is read (0.3.0 read 500 rows a page: 32 MB of 64 KiB rows, held per stream)."""
+    await rows_of_64_kib(db, "")  # 1,000 unread rows of 64 KiB for alice
+    warm = await LightStream.open(HOST, serve.port, make_token("warm"))
+    await db.execute("INSERT INTO messages (recipient, data) VALUES ('warm', '1')")
+    await wait_until(lambda: warm.seqs != [], within=10)
+    await warm.close()
+    baseline = serve.rss_bytes()
+    peak = [baseline]
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_rss(serve, peak, stop))
+    stalled = [
+        await StalledClient.open(serve.port, make_token("alice"), last_event_id=0) for _ in range(STALLED)
+    ]
+    healthy = await LightStream.open(HOST, serve.port, make_token("alice"), last_event_id=0)
+    await wait_until(lambda: len(healthy.seqs) == 1_000, within=90, what="the healthy replay got every row")
+    stop.set()
+    await sampler
+    growth = peak[0] - baseline
+    print(
+        f"\nreplay of 1,000 rows of 64 KiB to {STALLED} stalled clients and a healthy one: RSS before "
+        f"{baseline / MiB:.1f} MiB, peak {peak[0] / MiB:.1f} MiB (+{growth / MiB:.1f}), "
+        f"after {serve.rss_bytes() / MiB:.1f} MiB"
+    )
+    assert growth < RSS_GROWTH_BOUND, f"the server grew by {growth / MiB:.0f} MiB"
+    for client in stalled:
+        client.writer.close()
+    await healthy.close()
