@@ -187,7 +187,8 @@ class Stream:
 
     def push_replay(self, frames: list[Frame]) -> None:
         """Rows read by the replay; its caller waits for `drained` between pages instead of overflowing."""
-        self._append(frames)
+        if self.close_reason is not CloseReason.OVERFLOW:  # a cut stream sends nothing more
+            self._append(frames)
 
     def push_control(self, frame: bytes) -> None:
         """A frame without a seq (reset)."""
