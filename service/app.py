@@ -119,7 +119,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(inbox.router)
     app.include_router(health.router)
     # Added before CORS so its 413s carry CORS headers; the counter wraps the limit to count its 413s too.
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_body_bytes=settings.max_body_bytes,
+        max_unauthenticated_bodies=settings.max_unauthenticated_bodies,
+    )
     app.add_middleware(messages.CountPublishRequests, counter=app.state.metrics.publish_requests)
     if settings.serve_page:
         app.include_router(page.router)

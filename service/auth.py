@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,11 +160,21 @@ def _scopes(claims: dict[str, Any]) -> frozenset[str]:
 
 
 def _check_subject(claims: dict[str, Any]) -> str:
+    """The `sub`, when it is a name the messages table's recipient CHECK (and Postgres' text) accepts.
+
+    Any other `sub` could never have a row, and as a query parameter it failed every batched hub query that
+    named it (a lone surrogate cannot be sent to Postgres at all), stalling other users' streams.
+    """
     sub = claims.get("sub")
     if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUBJECT_LENGTH:
         raise AuthError(f"the token's 'sub' must be a string of 1 to {MAX_SUBJECT_LENGTH} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in sub):
+    # Category Cc is C0, DEL and C1: what the CHECK's [[:cntrl:]] matches in a UTF-8 database.
+    if any(unicodedata.category(c) == "Cc" for c in sub):
         raise AuthError("the token's 'sub' holds control characters")
+    try:
+        sub.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AuthError("the token's 'sub' is not valid Unicode (a lone surrogate)") from None
     return sub
 
 

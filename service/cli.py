@@ -214,7 +214,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             proxy_headers=True,
             server_header=False,
-            http=guarded_protocol(settings.header_timeout_seconds),
+            http=guarded_protocol(
+                settings.header_timeout_seconds, settings.body_timeout_seconds, settings.max_body_bytes
+            ),
         )
         welcome = embedded
 

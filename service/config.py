@@ -70,6 +70,11 @@ class Settings(BaseSettings):
 
     # `pgpush serve` answers 408 to a request whose headers have not all arrived in this time (slowloris).
     header_timeout_seconds: float = Field(default=10, gt=0)
+    # … and to one whose body has not all arrived in this time after its headers.
+    body_timeout_seconds: float = Field(default=30, gt=0)
+    # Request bodies read at once for requests without valid credentials (each up to max_body_bytes); more
+    # are answered 503 before their body is read. Requests with a verified token are not counted.
+    max_unauthenticated_bodies: int = Field(default=8, ge=1)
     migrate_on_start: bool = False
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     host: str = "127.0.0.1"

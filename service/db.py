@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,16 +60,29 @@ LEFT JOIN message_counters AS m ON m.recipient = c.recipient
 WHERE coalesce(m.last_seq, 0) <> c.after_seq
 """
 
-# New rows for many recipients in one round trip, each from its own cursor, at most $3 per recipient.
+# New rows for many recipients in one round trip, each from its own cursor, at most row_limit rows and
+# `budget` bytes of frames per recipient (its streams' free buffer space): one read never hands a stream
+# more than it can hold, whatever the statement or row size. The first row comes even when larger, so a
+# row bigger than the budget cannot wedge its recipient (a stream it overflows resumes from the table,
+# whose replay sends it). `page_rows` (rows read before the byte cut) tells the hub whether rows were
+# left behind.
 # created_at comes as epoch seconds: a float is all the latency metric needs and is cheaper to decode.
 NEW_ROWS = """
-SELECT c.recipient, m.seq, m.event, m.data::text AS data, extract(epoch FROM m.created_at)::float8
-FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS c(recipient, after_seq, ord)
+SELECT c.recipient, m.seq, m.event, m.data, m.created, m.page_rows
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[]) WITH ORDINALITY
+    AS c(recipient, after_seq, budget, row_limit, ord)
 CROSS JOIN LATERAL (
-    SELECT seq, event, data, created_at FROM messages
-    WHERE recipient = c.recipient AND seq > c.after_seq
-    ORDER BY seq LIMIT $3
+    SELECT seq, event, data, created, count(*) OVER () AS page_rows,
+           sum(octet_length(data) + octet_length(event) + 40) OVER (ORDER BY seq) AS running,
+           row_number() OVER (ORDER BY seq) AS n
+    FROM (
+        SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 AS created
+        FROM messages
+        WHERE recipient = c.recipient AND seq > c.after_seq
+        ORDER BY seq LIMIT c.row_limit
+    ) AS page
 ) AS m
+WHERE m.running <= c.budget OR m.n = 1
 ORDER BY c.ord, m.seq
 """
 
@@ -80,17 +93,22 @@ WHERE recipient = $1 AND read_at IS NULL AND seq <= $2
 ORDER BY seq DESC OFFSET $3 LIMIT 1
 """
 
+# Unread rows with $2 < seq <= $3, at most $4 rows and $5 bytes of frames (the first row always comes), and
+# how many rows the page held before the byte cut: a replay never holds more than one stream buffer.
 UNREAD_PAGE = """
-SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 FROM messages
-WHERE recipient = $1 AND read_at IS NULL AND seq > $2 AND seq <= $3
-ORDER BY seq LIMIT $4
-"""
-
-# The newest $3 unread rows up to $2, newest first: one round trip fills a fresh stream in the usual case.
-NEWEST_UNREAD = """
-SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 FROM messages
-WHERE recipient = $1 AND read_at IS NULL AND seq <= $2
-ORDER BY seq DESC LIMIT $3
+SELECT seq, event, data, created, page_rows FROM (
+    SELECT seq, event, data, created, count(*) OVER () AS page_rows,
+           sum(octet_length(data) + octet_length(event) + 40) OVER (ORDER BY seq) AS running,
+           row_number() OVER (ORDER BY seq) AS n
+    FROM (
+        SELECT seq, event, data::text AS data, extract(epoch FROM created_at)::float8 AS created
+        FROM messages
+        WHERE recipient = $1 AND read_at IS NULL AND seq > $2 AND seq <= $3
+        ORDER BY seq LIMIT $4
+    ) AS page
+) AS m
+WHERE running <= $5 OR n = 1
+ORDER BY seq
 """
 
 
@@ -142,8 +160,19 @@ class Snapshot:
     unread: list[Row] | None  # None: not read, or more than the reader asked for
 
 
-# (recipient, seq, event, jsonb text, created_at epoch seconds), as NEW_ROWS returns them.
-NewRow = tuple[str, int, str, str, float]
+@dataclass(frozen=True, slots=True)
+class RowsRead:
+    """One recipient's part of a NEW_ROWS read: after which seq, at most how many bytes and rows."""
+
+    recipient: str
+    after: int
+    budget: int
+    row_limit: int
+
+
+# (recipient, seq, event, jsonb text, created_at epoch seconds, rows read before the byte cut), as NEW_ROWS
+# returns them.
+NewRow = tuple[str, int, str, str, float, int]
 
 
 def server_settings(application_name: str) -> dict[str, str]:
@@ -233,31 +262,38 @@ class Database:
         records = await self.pool.fetch(DRIFT, [r for r, _ in cursors], [seq for _, seq in cursors])
         return [r[0] for r in records if r[2]], {r[0]: int(r[1]) for r in records if not r[2]}
 
-    async def new_rows(self, cursors: Iterable[tuple[str, int]], per_recipient: int) -> list[NewRow]:
-        """Rows after each recipient's cursor, grouped by recipient in cursor order, oldest first.
+    async def new_rows(self, reads: Sequence[RowsRead]) -> list[NewRow]:
+        """Rows after each recipient's cursor, within its row and byte limits, grouped by recipient in
+        `reads` order, oldest first (NEW_ROWS says how the byte limit is applied).
 
         The records are returned as they come (tuple-like): the hub reads millions of them, and copying
         each into an object of ours was a seventh of its time.
         """
-        pairs = list(cursors)
-        recipients = [recipient for recipient, _ in pairs]
-        after = [seq for _, seq in pairs]
-        return cast(list[NewRow], await self.pool.fetch(NEW_ROWS, recipients, after, per_recipient))
+        return cast(
+            list[NewRow],
+            await self.pool.fetch(
+                NEW_ROWS,
+                [r.recipient for r in reads],
+                [r.after for r in reads],
+                [r.budget for r in reads],
+                [r.row_limit for r in reads],
+            ),
+        )
 
     async def unread_boundary(self, recipient: str, upto: int, newest: int) -> int | None:
         """The seq just before the newest `newest` unread rows, or None when there are no more than that."""
         value = await self.pool.fetchval(UNREAD_BOUNDARY, recipient, upto, newest)
         return int(value) if value is not None else None
 
-    async def newest_unread(self, recipient: str, upto: int, limit: int) -> list[Row]:
-        """The newest `limit` unread rows with seq <= upto, oldest first."""
-        records = await self.pool.fetch(NEWEST_UNREAD, recipient, upto, limit)
-        return [Row(recipient, r[0], r[1], r[2], r[3]) for r in reversed(records)]
-
-    async def unread_page(self, recipient: str, after: int, upto: int, limit: int) -> list[Row]:
-        """Unread rows with after < seq <= upto, oldest first."""
-        records = await self.pool.fetch(UNREAD_PAGE, recipient, after, upto, limit)
-        return [Row(recipient, r[0], r[1], r[2], r[3]) for r in records]
+    async def unread_page(
+        self, recipient: str, after: int, upto: int, limit: int, budget: int
+    ) -> tuple[list[Row], bool]:
+        """Unread rows with after < seq <= upto, oldest first, at most `limit` rows and about `budget`
+        bytes of frames; and whether rows were left out (by either limit)."""
+        records = await self.pool.fetch(UNREAD_PAGE, recipient, after, upto, limit, budget)
+        rows = [Row(recipient, r[0], r[1], r[2], r[3]) for r in records]
+        more = bool(records) and (len(records) < records[0][4] or len(records) >= limit)
+        return rows, more
 
     # ---- Publishing and the inbox (POST /messages, GET /me/messages, POST /me/messages/read, CLI) ----
 

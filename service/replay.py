@@ -69,22 +69,16 @@ async def fill_stream(
         stream.go_live()
         return
     if after is None:
-        # A fresh connect usually has few unread rows: the hub read them all along with the snapshot, or
-        # one query for the newest ones settles it.
-        window = min(replay_limit, REPLAY_PAGE)
+        # A fresh connect usually has few unread rows: the hub read them all along with the snapshot.
         newest = start.unread
-        if newest is None:
-            newest = await _until_answered(
-                stream, partial(db.newest_unread, recipient, snapshot, window + 1), backoff_max
-            )
-            if newest is None:
-                return
-        if start.unread is not None or len(newest) <= window or replay_limit <= REPLAY_PAGE:
+        if newest is not None:
             if len(newest) > replay_limit and not reset_sent:
                 stream.push_control(control_frame("reset", {"reason": "too_many_unread"}))
             _push(stream, newest[-replay_limit:], on_replayed)
             stream.go_live()
             return
+        # Otherwise the newest REPLAY_LIMIT unread rows are read forward from their boundary, a page at a
+        # time like any replay (reading them newest first in one query held up to 500 rows at once).
         boundary = await _until_answered(
             stream, partial(db.unread_boundary, recipient, snapshot, replay_limit), backoff_max
         )
@@ -94,13 +88,18 @@ async def fill_stream(
             stream.push_control(control_frame("reset", {"reason": "too_many_unread"}))
         after = boundary or 0
     while stream.close_reason is None:
-        rows = await _until_answered(
-            stream, partial(db.unread_page, recipient, after, snapshot, REPLAY_PAGE), backoff_max
+        # Pages of at most one stream buffer, each sent before the next is read: a replay holds no more
+        # than a live stream may, whatever the size of the rows.
+        page = await _until_answered(
+            stream,
+            partial(db.unread_page, recipient, after, snapshot, REPLAY_PAGE, stream.buffer_bytes),
+            backoff_max,
         )
-        if rows is None:
+        if page is None:
             return
+        rows, more = page
         _push(stream, rows, on_replayed)
-        if len(rows) < REPLAY_PAGE:
+        if not more:
             break
         after = rows[-1].seq
         await stream.wait_drained()

@@ -25,6 +25,10 @@ router = APIRouter()
 
 # A client that has not taken a single write for this long is frozen; its stream is cut.
 SEND_TIMEOUT_SECONDS = 30.0
+# Bytes per send: uvicorn waits for the transport to drain below its high-water mark (64 KiB) before each
+# send, so a stalled client holds at most one chunk plus that mark in the transport; the rest stays in the
+# stream's bounded buffer, where it counts against PGPUSH_STREAM_BUFFER_BYTES.
+WRITE_CHUNK_BYTES = 64 * 1024
 EVENT_STREAM_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
@@ -106,7 +110,7 @@ class EventStream(Response):
         retires = loop.time() + settings.max_stream_seconds * random.uniform(0.8, 1.0)
         while True:
             if stream.has_pending:
-                batch = stream.take()
+                batch = stream.take(WRITE_CHUNK_BYTES)
                 await self._write(send, batch.data)
                 last_write = loop.time()
                 if batch.rows:
@@ -153,6 +157,7 @@ class EventStream(Response):
         """One send; interrupted when the client stalls or the hub cuts the stream (overflow)."""
         async with asyncio.timeout(SEND_TIMEOUT_SECONDS) as guard:
             self._stream.send_guard = guard
+            self._stream.sending_since = asyncio.get_running_loop().time()
             try:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             finally:

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from ..db import Database, InboxRow
+from ..sse import compact_json
 from .deps import CurrentUser
 from .errors import ApiError, error_responses
 
@@ -111,24 +111,26 @@ def _invalid_cursor(message: str) -> ApiError:
     )
 
 
-def parse_jsonb(text: str) -> JsonValue:
-    """A jsonb value's text as Python; the standard library keeps numbers beyond 64 bits."""
-    try:
-        value: JsonValue = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        value = json.loads(text)
-    return value
+def _message(row: InboxRow) -> dict[str, Any]:
+    # `data` goes out as the stream sends it (compact JSON made from jsonb's own text), never through a
+    # Python value: a value nested past pydantic's or orjson's depth limits (both accept ~255 levels, the
+    # API and Postgres far more) or a number beyond a double would fail or change on the way back out.
+    return {
+        "id": row.id,
+        "seq": row.seq,
+        "event": row.event,
+        "data": orjson.Fragment(compact_json(row.data)),
+        "created_at": row.created_at,
+        "read_at": row.read_at,
+    }
 
 
-def _message(row: InboxRow) -> InboxMessage:
-    return InboxMessage(
-        id=row.id,
-        seq=row.seq,
-        event=row.event,
-        data=parse_jsonb(row.data),
-        created_at=row.created_at,
-        read_at=row.read_at,
+def page_response(rows: list[InboxRow], next_cursor: str | None) -> Response:
+    """InboxPage's JSON, written directly; datetimes as pydantic writes them (`…Z` for UTC)."""
+    body = orjson.dumps(
+        {"messages": [_message(row) for row in rows], "next": next_cursor}, option=orjson.OPT_UTC_Z
     )
+    return Response(body, media_type="application/json")
 
 
 @router.get(
@@ -153,7 +155,7 @@ async def list_my_messages(
     order: Annotated[Literal["asc", "desc"], Query(description="By seq; newest first by default")] = "desc",
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="At most this many messages")] = 50,
     cursor: Annotated[str | None, Query(max_length=512, description="A previous page's `next`")] = None,
-) -> InboxPage:
+) -> Response:
     """The caller's messages by seq, a page at a time; follow `next` (as `cursor`) for the next page."""
     query: dict[str, Any] = {"unread": unread, "order": order, "after": after, "before": before}
     position: int | None = None
@@ -182,7 +184,7 @@ async def list_my_messages(
     )
     page = rows[:limit]
     next_cursor = encode_cursor(query, page[-1].seq) if len(rows) > limit else None
-    return InboxPage(messages=[_message(row) for row in page], next=next_cursor)
+    return page_response(page, next_cursor)
 
 
 @router.post(
