@@ -242,19 +242,18 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     database_url = os.environ.get("DATABASE_URL")
     if database_url:
         # The owner's one-off job needs no JWT key, and the migration Job is given none (SECURITY.md).
-        configure_logging(os.environ.get("PGPUSH_LOG_LEVEL", "info"))
-        migrate(database_url)
-        print("migrations applied", file=sys.stderr)
-        return 0
-    settings = load_settings()
-    configure_logging(settings.log_level, plain=True)
-    if settings.database_url is None:
-        from .embedded import EmbeddedPostgres
-
-        with EmbeddedPostgres(settings.data_dir.resolve() / "pgdata") as pg:
-            revision = migrate(pg.url)
+        configure_logging(os.environ.get("PGPUSH_LOG_LEVEL", "info"), plain=True)
+        revision = migrate(database_url)
     else:
-        revision = migrate(settings.database_url)
+        settings = load_settings()
+        configure_logging(settings.log_level, plain=True)
+        if settings.database_url is None:
+            from .embedded import EmbeddedPostgres
+
+            with EmbeddedPostgres(settings.data_dir.resolve() / "pgdata") as pg:
+                revision = migrate(pg.url)
+        else:
+            revision = migrate(settings.database_url)
     print(f"pgpush migrate: the database is at revision {revision}", file=sys.stderr)
     return 0
 
