@@ -9,8 +9,8 @@ No cluster, no Docker engine and no kustomize binary are needed:
   schemas that the ``kubernetes-validate`` package ships, for the pinned versions in ``K8S_VERSIONS``;
 * ``hadolint`` and ``checkov`` run as subprocesses from their own virtualenv (deploy/install-checkers.sh),
   found through PGPUSH_HADOLINT / PGPUSH_CHECKOV / PGPUSH_DEPLOY_PYTHON or PGPUSH_CHECKERS_VENV (default
-  /work/venv-deploy), then PATH. A missing tool skips its test, unless PGPUSH_REQUIRE_CHECKERS=1 (set it in CI
-  after installing them), where it fails.
+  .venv-deploy in the repository), then PATH. A missing tool skips its test, unless PGPUSH_REQUIRE_CHECKERS=1
+  (set it in CI after installing them), where it fails.
 
 The main test environment needs only ``pyyaml`` and ``kubernetes-validate`` (without the latter, schema
 validation falls back to the checkers' venv).
@@ -116,7 +116,7 @@ def missing(reason: str) -> None:
 
 
 def checkers_venv() -> Path:
-    return Path(os.environ.get("PGPUSH_CHECKERS_VENV", "/work/venv-deploy"))
+    return Path(os.environ.get("PGPUSH_CHECKERS_VENV", ROOT / ".venv-deploy"))
 
 
 def find_tool(env_var: str, name: str) -> str:
