@@ -122,6 +122,7 @@ class Pod:
         return int(self.state()["ExitCode"])
 
     def remove(self) -> None:
+        """Remove the container (killing it if it runs); also when `start()` failed after creating it."""
         self.container.stop()
 
 

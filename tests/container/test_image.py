@@ -25,8 +25,9 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture
 async def pod(image: str, database_url: str) -> AsyncIterator[ServingPod]:
-    serving = await asyncio.to_thread(ServingPod(image, database_url).start)
+    serving = ServingPod(image, database_url)
     try:
+        await asyncio.to_thread(serving.start)
         await serving.ready()
         yield serving
     finally:
