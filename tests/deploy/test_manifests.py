@@ -168,10 +168,12 @@ def test_overlay_renders_the_expected_objects(overlay: str) -> None:
             "Ingress",
             "NetworkPolicy",
             "Job",
+            "Namespace",
         ]
     )
-    namespaces = {r["metadata"].get("namespace") for r in resources}
+    namespaces = {r["metadata"].get("namespace") for r in resources if r["kind"] != "Namespace"}
     assert len(namespaces) == 1 and None not in namespaces and "default" not in namespaces
+    assert namespaces == {one(resources, "Namespace")["metadata"]["name"]}, "the overlay brings its namespace"
     for resource in resources:
         labels = resource["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "pgpush"
