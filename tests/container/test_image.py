@@ -22,6 +22,9 @@ from tests.sse_client import open_stream
 
 pytestmark = pytest.mark.timeout(300)
 
+# What the memory rule assumes a pod uses without streams (tests/deploy/test_components.py, BASELINE_MIB).
+BASELINE_MIB = 160
+
 
 @pytest.fixture
 async def pod(image: str, database_url: str) -> AsyncIterator[ServingPod]:
@@ -73,8 +76,10 @@ async def test_a_pod_is_ready_and_streams_an_inserted_row(pod: ServingPod, db: a
     assert (event.type, json.loads(event.data)) == ("lead", {"n": 1})
     # The server process itself runs as the pods' user, on the read-only root filesystem.
     status = pod.container.exec(["cat", "/proc/1/status"]).output.decode()
-    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
-    assert uids == [str(UID)] * 4, status
+    fields = {line.split(":")[0]: line.split()[1:] for line in status.splitlines()}
+    assert fields["Uid"] == [str(UID)] * 4, status
+    # The memory rule's baseline (deploy/README.md, "Memory"; tests/deploy/test_components.py applies it).
+    assert int(fields["VmRSS"][0]) * 1024 <= BASELINE_MIB * 2**20, f"RSS with one stream: {fields['VmRSS']}"
     mounts = pod.container.exec(["cat", "/proc/1/mounts"]).output.decode().splitlines()
     options = {fields[1]: fields[3].split(",") for fields in (line.split() for line in mounts)}
     assert "ro" in options["/"] and "rw" in options["/tmp"], mounts
