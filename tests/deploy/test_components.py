@@ -158,7 +158,7 @@ def test_the_alerts_deploy_readme_recommends_are_the_rule_s_alerts(tmp_path: Pat
 # ---- memory ------------------------------------------------------------------------------------------
 
 # deploy/README.md, "Memory": a pod's limit covers the process without streams plus, for every stream it may
-# hold, its own cost and the unsent bytes it may queue before it is cut. The idle figures: ~110 MiB measured
+# hold, its own cost and the unsent bytes it may queue before it is cut. The idle figures: ~95 MiB measured
 # without streams (tests/container checks the image stays under BASELINE), 17 KB per idle stream
 # (bench/RESULTS.md), both rounded up.
 BASELINE_MIB = 160
