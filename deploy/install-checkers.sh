@@ -4,14 +4,15 @@
 # checkov pulls in a large dependency tree (boto3, networkx, bc-* packages, …) whose pins can clash with the
 # service's own (pydantic, fastapi, …), so the checkers never go into the service's test environment. The tests
 # call them as subprocesses and find them through PGPUSH_CHECKOV, PGPUSH_HADOLINT and PGPUSH_DEPLOY_PYTHON
-# (defaults: the executables in $PGPUSH_CHECKERS_VENV, which defaults to /work/venv-deploy).
+# (defaults: the executables in $PGPUSH_CHECKERS_VENV, which defaults to .venv-deploy in the repository).
 #
 # Usage:  bash deploy/install-checkers.sh [VENV_DIR]
-#   VENV_DIR defaults to $PGPUSH_CHECKERS_VENV, then /work/venv-deploy.
+#   VENV_DIR defaults to $PGPUSH_CHECKERS_VENV, then .venv-deploy at the repository's root (git ignores it).
 # Idempotent: re-running with the same pins is a quick no-op for pip.
 set -euo pipefail
 
-VENV="${1:-${PGPUSH_CHECKERS_VENV:-/work/venv-deploy}}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="${1:-${PGPUSH_CHECKERS_VENV:-$ROOT/.venv-deploy}}"
 PYTHON="${PYTHON:-python3}"
 
 # Pinned versions: bump them deliberately (a new checkov release can add checks that fail the build).

@@ -3,7 +3,8 @@
 #
 #   deploy/rollout.sh deploy/overlays/prod
 #
-# 1. the supporting objects (ServiceAccount, ConfigMap, NetworkPolicy: no app.kubernetes.io/component label),
+# 1. the supporting objects (Namespace, ServiceAccount, ConfigMap, NetworkPolicy, the optional monitoring
+#    components: no app.kubernetes.io/component label),
 #    which the migration Job needs;
 # 2. the migration Job (component=migrate): the previous release's Job is deleted first (a Job's pod template is
 #    immutable), then this one runs `pgpush migrate` to completion; a failure stops the script before any pod of
