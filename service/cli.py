@@ -90,6 +90,21 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def build_server(app: FastAPI, settings: Settings) -> DrainingServer:
+    """The uvicorn server `serve` runs: guarded request heads, draining on SIGTERM (the tests use it too)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        proxy_headers=True,
+        server_header=False,
+        http=guarded_protocol(settings.header_timeout_seconds),
+    )
+    return DrainingServer(config, app)
+
+
 def _print_welcome(settings: Settings) -> None:
     secret = signing_secret(settings)
     token = mint_token(secret, DEMO_USER, ttl_seconds=DEMO_TOKEN_TTL)
@@ -137,17 +152,7 @@ def cmd_serve(_args: argparse.Namespace) -> int:
         migrate(settings.database_url or "")
     settings = settings.model_copy(update={"migrate_on_start": False})
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        proxy_headers=True,
-        server_header=False,
-        http=guarded_protocol(settings.header_timeout_seconds),
-    )
-    server = DrainingServer(config, app)
+    server = build_server(app, settings)
     if settings.embedded or embedded is not None:
         _print_welcome(settings)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns that into a

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from tests.conftest import make_token
-from tests.faults.client import poll
 from tests.hostile.conftest import watching
+from tests.polling import wait_until
 from tests.serve_process import HOST, ServerProcess
 
 ATTEMPTS = 10_000
@@ -89,7 +89,7 @@ async def test_ten_thousand_stream_requests_from_one_user_get_429_beyond_the_cap
         async def only_bobs_left() -> bool:
             return await serve.metric("pgpush_streams") == 1
 
-        await poll(only_bobs_left, within=10, what="the refused and closed streams are all gone")
+        await wait_until(only_bobs_left, what="the refused and closed streams are all gone")
     print(
         f"\nflood: {ATTEMPTS} attempts in {flood_seconds:.1f}s -> {statuses}; bob served "
         f"{len(delivery_times)} times (max {max(delivery_times):.3f}s); /healthz max {max(health_times):.3f}s"

@@ -15,6 +15,7 @@ from pgpush import announcer
 from pgpush.migrate import alembic_config, migrate
 
 from tests.conftest import with_database
+from tests.serve_process import cli_environment
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ async def empty_database(pg_url: str) -> AsyncIterator[str]:
 def run_migrate(database_url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pgpush", "migrate"],
-        env={"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": "x" * 32, "PATH": "/usr/bin:/bin"},
+        env=cli_environment(database_url),
         capture_output=True,
         text=True,
         timeout=120,
