@@ -31,7 +31,7 @@ from pgpush.embedded import EmbeddedPostgres
 from pgpush.migrate import migrate
 from pydantic import SecretStr
 
-from tests.polling import wait_until
+from tests.polling import WITHIN, wait_until
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256!"
 
@@ -210,6 +210,10 @@ class RunningServer:
     @property
     def listener_connected(self) -> bool:
         return bool(self.app.state.listener.connected)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = WITHIN) -> None:
+        """tests.polling.wait_until, for the tests that hold a server (tests/browser)."""
+        await wait_until(predicate, within=timeout)
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of what /metrics exposes, read through the registry's public API (0 when unset)."""

@@ -42,7 +42,7 @@ async def sample_rss(server: ServerProcess, peak: list[int], stop: asyncio.Event
             await asyncio.wait_for(stop.wait(), 0.02)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(300)
 async def test_a_stalled_client_is_cut_memory_stays_bounded_and_it_resumes_with_all_rows(
     serve: ServerProcess, db: asyncpg.Connection
 ) -> None:
@@ -71,10 +71,10 @@ async def test_a_stalled_client_is_cut_memory_stays_bounded_and_it_resumes_with_
     async def cut() -> bool:
         return await serve.metric("pgpush_streams_closed_total", reason="overflow") == 1
 
-    await wait_until(cut, what="the stalled stream was cut for overflowing")
+    await wait_until(cut, within=120, what="the stalled stream was cut for overflowing")
     assert await serve.metric("pgpush_streams") == 0
     stalled.start_reading()  # what the kernel buffered before the cut, then the server's close
-    await asyncio.wait_for(stalled.closed.wait(), 10)
+    await asyncio.wait_for(stalled.closed.wait(), 30)
     cut_after = len(log.seqs)
     assert cut_after < ROWS, "the stream was cut before everything was sent"
 

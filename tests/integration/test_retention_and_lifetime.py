@@ -115,5 +115,5 @@ async def test_a_token_that_expires_first_ends_the_stream_with_token_expired(
 ) -> None:
     server = await start_server(max_stream_seconds=60)
     async with await open_stream(server.url, make_token("alice", ttl=1)) as stream:
-        events = await stream.rest(timeout=5)
+        events = await stream.rest(timeout=30)
     assert [e.type for e in events] == ["token_expired"]

@@ -37,7 +37,7 @@ async def test_sigterm_sends_every_stream_a_jittered_retry_closes_it_and_exits_0
     assert code == 0
     retries = []
     for s in streams:
-        await asyncio.wait_for(s.closed.wait(), 5)
+        await asyncio.wait_for(s.closed.wait(), 30)
         assert s.retries[0] == 3000  # the first frame
         retries.append(s.retries[-1])
         await s.close()
@@ -54,7 +54,7 @@ async def test_after_a_restart_clients_resume_from_their_last_event_id(
         await db.execute("INSERT INTO messages (recipient, data) VALUES ('alice', '1')")
         [first] = await stream.messages(1)
         assert await serve.stop() == 0
-        await asyncio.wait_for(stream.closed.wait(), 5)
+        await asyncio.wait_for(stream.closed.wait(), 30)
     await db.execute("INSERT INTO messages (recipient, data) VALUES ('alice', '2'), ('alice', '3')")
     again = ServerProcess(database_url, port=serve.port)
     try:

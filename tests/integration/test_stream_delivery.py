@@ -171,7 +171,7 @@ async def test_an_open_transaction_for_alice_does_not_delay_bob(
             await tx.start()
             await other.execute(INSERT, "alice", "slow", '"pending"')
             await db.execute(INSERT, "bob", "fast", '"now"')
-            [event] = await bob.messages(1, timeout=3)
+            [event] = await bob.messages(1, timeout=30)
             await tx.rollback()
     finally:
         await other.close()
