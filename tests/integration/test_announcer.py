@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
@@ -258,14 +258,9 @@ async def test_one_announcer_at_a_time_and_a_standby_announces_what_was_left(
             database_url, heard=lambda: 0, batch_above=1000, interval=0.005, backoff_max=0.2
         )
 
-    async def until(condition: Callable[[], bool]) -> None:
-        async with asyncio.timeout(10):
-            while not condition():
-                await asyncio.sleep(0.02)
-
     first, standby = quiet_announcer(), quiet_announcer()
     first.start()
-    await until(lambda: first.elected)
+    await wait_until(lambda: first.elected)
     standby.start()
     try:
         # A statement handed over to an announcer whose session then died: nobody announced it.
@@ -277,7 +272,7 @@ async def test_one_announcer_at_a_time_and_a_standby_announces_what_was_left(
         assert not standby.elected
 
         await first.stop()
-        await until(lambda: standby.elected)
+        await wait_until(lambda: standby.elected)
         await heard.until_named({"left-behind"})
     finally:
         await first.stop()
@@ -300,9 +295,11 @@ async def test_ending_a_previous_session_ends_that_one_and_not_a_reused_pid(data
 
         await announcer.end_session(admin, session)
         alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
-        async with asyncio.timeout(5):
-            while await admin.fetchval(alive, session["pid"]):
-                await asyncio.sleep(0.02)
+
+        async def ended() -> bool:
+            return not await admin.fetchval(alive, session["pid"])
+
+        await wait_until(ended, what="the ended session is gone")
         assert await announcer.wake(admin), '"awake" was still held by the ended session'
     finally:
         for conn in (previous, bystander, admin):
