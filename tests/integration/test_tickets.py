@@ -65,9 +65,13 @@ async def test_a_ticket_opens_the_users_stream(server: RunningServer, db: asyncp
     assert time.time() + 55 <= body["expires_at"] <= time.time() + 60
     async with await open_stream(server.url, params={"ticket": body["ticket"]}) as stream:
         await wait_until(lambda: stream.retries != [])
-        await db.execute("INSERT INTO messages (recipient, data) VALUES ('bob', '0'), ('alice', '1')")
-        [event] = await stream.messages(1)
-    assert json.loads(event.data) == 1
+        # Interleaved with other users' rows; the last one marks the end (no quiet window needed).
+        await db.execute(
+            "INSERT INTO messages (recipient, data) VALUES "
+            "('bob', '0'), ('alice', '1'), ('carol', '0'), ('alice', '2'), ('bob', '0'), ('alice', '\"end\"')"
+        )
+        events = await stream.messages(3)
+    assert [json.loads(e.data) for e in events] == [1, 2, "end"]  # alice's rows, and only hers
 
 
 async def test_a_ticket_never_outlives_the_token_it_was_issued_for(server: RunningServer) -> None:
