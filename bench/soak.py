@@ -39,9 +39,10 @@ from pgpush.db import UNAVAILABLE_ERRORS
 from pgpush.embedded import EmbeddedPostgres
 from pgpush.migrate import migrate
 
-from tests.faults.client import ResumingClient, wait_until
+from tests.faults.client import ResumingClient
 from tests.faults.ledger import Ledger, Tally
 from tests.faults.writers import INSERT_KEYED, SEQS_OF_KEY, committed
+from tests.polling import wait_until
 
 KILL_LISTENER = """
 SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity

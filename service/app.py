@@ -165,9 +165,35 @@ class PgpushApp(FastAPI):
 
     stream_entry: ASGIApp | None = None
 
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document with exact integer bounds (its OpenAPI model turns a body schema's bounds into
+        floats, and the largest seq, 2^63-1, is not one: as a float it reads 2^63)."""
+        if not self.openapi_schema:
+            self.openapi_schema = _exact_integer_bounds(super().openapi())
+        return self.openapi_schema
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.stream_entry is not None and events.is_stream_request(scope):
             scope["app"] = self  # what Starlette sets: request.app reaches the state
             await self.stream_entry(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _exact_integer_bounds(node: Any) -> Any:
+    """Every integer schema's float bound back to an int; the float of 2^63-1 back to 2^63-1."""
+    if isinstance(node, list):
+        return [_exact_integer_bounds(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    fixed = {key: _exact_integer_bounds(value) for key, value in node.items()}
+    if fixed.get("type") == "integer":
+        for key in _BOUNDS:
+            value = fixed.get(key)
+            if isinstance(value, float) and value.is_integer():
+                exact_max_seq = key == "maximum" and value == float(inbox.MAX_SEQ)
+                fixed[key] = inbox.MAX_SEQ if exact_max_seq else int(value)
+    return fixed

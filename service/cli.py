@@ -132,6 +132,27 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def build_server(
+    app: FastAPI, settings: Settings, on_started: Callable[[], None] | None = None
+) -> DrainingServer:
+    """The uvicorn server `serve` runs: guarded request heads and bodies, draining on SIGTERM.
+
+    The tests build their servers with it too, so they exercise exactly what ships."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        proxy_headers=True,
+        server_header=False,
+        http=guarded_protocol(
+            settings.header_timeout_seconds, settings.body_timeout_seconds, settings.max_body_bytes
+        ),
+    )
+    return DrainingServer(config, app, on_started=on_started)
+
+
 def _print_welcome(settings: Settings, embedded: EmbeddedPostgres, port: int) -> None:
     secret = signing_secret(settings)
     token = mint_token(secret, DEMO_USER, ttl_seconds=DEMO_TOKEN_TTL)
@@ -205,26 +226,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif settings.migrate_on_start:
             migrate(settings.database_url or "")
         settings = settings.model_copy(update={"migrate_on_start": False, "port": port})
-        app = create_app(settings)
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=port,
-            log_config=None,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-            proxy_headers=True,
-            server_header=False,
-            http=guarded_protocol(
-                settings.header_timeout_seconds, settings.body_timeout_seconds, settings.max_body_bytes
-            ),
-        )
         welcome = embedded
 
         def started() -> None:
             if welcome is not None:
                 _print_welcome(settings, welcome, port)
 
-        server = DrainingServer(config, app, on_started=started)
+        server = build_server(create_app(settings), settings, on_started=started)
         # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns that into a
         # normal return, so a drained SIGTERM exits 0 as the protocol asks.
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -23,13 +24,15 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import jwt
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from pgpush.app import create_app
+from pgpush.cli import build_server
 from pgpush.config import Settings
 from pgpush.embedded import EmbeddedPostgres
 from pgpush.migrate import migrate
 from pydantic import SecretStr
+
+from tests.polling import WITHIN, wait_until
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256!"
 # The GRANTs the README tells operators to run, applied to every test database as they are.
@@ -53,6 +56,18 @@ def make_token(
     now = time.time()
     payload: dict[str, Any] = {"sub": sub, "iat": int(now), "exp": int(now + ttl), **claims}
     return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+async def insert_rows(db: asyncpg.Connection, recipient: str, count: int, event: str = "lead") -> list[int]:
+    """`count` rows for `recipient` in one statement, data {"n": 1…count}; their seqs."""
+    records = await db.fetch(
+        "INSERT INTO messages (recipient, event, data) "
+        "SELECT $1, $2, jsonb_build_object('n', n) FROM generate_series(1, $3) AS n RETURNING seq",
+        recipient,
+        event,
+        count,
+    )
+    return sorted(r["seq"] for r in records)
 
 
 def _admin(url: str, *statements: str) -> None:
@@ -139,6 +154,33 @@ def template_database(pg_url: str, roles: Roles) -> Iterator[str]:
 
 
 @pytest.fixture
+def postgres_tmp() -> Iterator[Path]:
+    """A temporary folder a Postgres started by the test can live in.
+
+    Not under tmp_path: another pytest session starting meanwhile chmods /tmp/pytest-of-<user> back to 0700,
+    and the server user (we may be root) could then no longer reach the data folder.
+    """
+    with tempfile.TemporaryDirectory(prefix="pgpush-test-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture
+async def own_cluster(postgres_tmp: Path) -> AsyncIterator[tuple[EmbeddedPostgres, str]]:
+    """A Postgres of this test alone, for tests that stop it: the cluster and a migrated database's URL."""
+    cluster = EmbeddedPostgres(postgres_tmp / "pg", durable=False)
+    url = await asyncio.to_thread(cluster.start)
+    try:
+        conn = await asyncpg.connect(url)
+        await conn.execute("CREATE DATABASE own")
+        await conn.close()
+        database_url = with_database(url, "own")
+        await asyncio.to_thread(migrate, database_url)
+        yield cluster, database_url
+    finally:
+        await asyncio.to_thread(cluster.stop, "immediate")
+
+
+@pytest.fixture
 async def database_url(pg_url: str, template_database: str) -> AsyncIterator[str]:
     name = f"pgpush_test_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(pg_url)
@@ -169,19 +211,20 @@ def settings_for(database_url: str, **overrides: Any) -> Settings:
         "listener_probe_seconds": 1,
         "listener_probe_timeout_seconds": 2,
         "reconnect_backoff_max_seconds": 0.5,
+        "port": 0,  # a free one
         **overrides,
     }
     return Settings.model_validate(values)
 
 
 class RunningServer:
-    """A real uvicorn serving create_app(settings) on a free port, in a thread with its own event loop."""
+    """The server `pgpush serve` runs (build_server: guarded request heads, draining on SIGTERM), serving
+    create_app(settings) on a free port, in a thread with its own event loop."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app: FastAPI = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = build_server(self.app, settings)
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     def start(self) -> RunningServer:
@@ -195,9 +238,16 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
+    def drain(self) -> None:
+        """What SIGTERM does to `pgpush serve`: streams get their retry and close, the process winds down."""
+        self.server.handle_exit(signal.SIGTERM, None)
+
     def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=15)
+        if self._thread.is_alive():  # a test may have drained it already
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: it is stopping anyway
+                self.drain()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the test server did not stop"
 
     @property
     def stream_count(self) -> int:
@@ -207,12 +257,14 @@ class RunningServer:
     def listener_connected(self) -> bool:
         return bool(self.app.state.listener.connected)
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise TimeoutError("condition not met in time")
-            await asyncio.sleep(0.02)
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = WITHIN) -> None:
+        """tests.polling.wait_until, for the tests that hold a server (tests/browser)."""
+        await wait_until(predicate, within=timeout)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of what /metrics exposes, read through the registry's public API (0 when unset)."""
+        value = self.app.state.metrics.registry.get_sample_value(name, labels)
+        return float(value or 0.0)
 
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
@@ -231,7 +283,7 @@ async def start_server(database_url: str, roles: Roles) -> AsyncIterator[ServerF
         settings = settings_for(service_url, **overrides)
         running = await asyncio.to_thread(RunningServer(settings).start)
         servers.append(running)
-        await running.wait_for(lambda: running.listener_connected)
+        await wait_until(lambda: running.listener_connected)
         return running
 
     yield start

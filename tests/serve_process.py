@@ -25,6 +25,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cli_environment(database_url: str | None, **settings: object) -> dict[str, str]:
+    """The environment for a `python -m pgpush …` child: the caller's, minus every PGPUSH_* variable and
+    DATABASE_URL (a developer's own settings must not leak into a test), plus the test's database and
+    settings (PGPUSH_* names without the prefix, lowercase)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGPUSH_") and k != "DATABASE_URL"}
+    if database_url is not None:
+        env |= {"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": JWT_SECRET}
+    return env | {f"PGPUSH_{name.upper()}": str(value) for name, value in settings.items()}
+
+
 class ServerProcess:
     """One `python -m pgpush serve`; settings are PGPUSH_* names without the prefix, lowercase.
 
@@ -35,11 +45,7 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.lines: list[str] = []
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PGPUSH_") and k != "DATABASE_URL"}
-        env["PGPUSH_PORT"] = str(self.port)
-        if database_url is not None:
-            env |= {"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": JWT_SECRET}
-        env |= {f"PGPUSH_{name.upper()}": str(value) for name, value in settings.items()}
+        env = cli_environment(database_url, **{"port": self.port, **settings})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pgpush", "serve"],
             env=env,

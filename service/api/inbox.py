@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
 from ..db import Database, InboxRow
 from ..sse import compact_json
@@ -23,13 +23,20 @@ from .errors import ApiError, error_responses
 router = APIRouter()
 
 MAX_SEQ = 2**63 - 1
-# Bounds written as "< 2^63" rather than "<= 2^63-1": the OpenAPI document stores them as floats, and 2^63
-# is exact as a float while 2^63-1 is not.
-SEQ_LIMIT = 2**63
 MAX_PAGE = 500
+# What encode_cursor makes: unpadded base64url.
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+$"
 MAX_MARK_SEQS = 10_000
 
-Seq = Annotated[int, Field(ge=0, lt=SEQ_LIMIT)]
+
+def _integral(value: object) -> object:
+    """JSON Schema counts 3.0 as an integer, so the API takes it as 3 (3.5 is still refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Seq = Annotated[int, Field(ge=0, le=MAX_SEQ), BeforeValidator(_integral)]
 
 
 class InboxMessage(BaseModel):
@@ -53,7 +60,17 @@ class InboxPage(BaseModel):
 class MarkReadRequest(BaseModel):
     """Either the seqs to mark read, or `through`: every message with a seq up to it."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        # _exactly_one, as the schema says it: one of the two is given and not null.
+        json_schema_extra={
+            "oneOf": [
+                {"properties": {"seqs": {"type": "array"}}, "required": ["seqs"]},
+                {"properties": {"through": {"type": "integer"}}, "required": ["through"]},
+            ]
+        },
+    )
 
     seqs: list[Seq] | None = Field(default=None, max_length=MAX_MARK_SEQS)
     through: Seq | None = None
@@ -150,11 +167,19 @@ async def list_my_messages(
     request: Request,
     user: CurrentUser,
     unread: Annotated[bool, Query(description="Only messages not marked read")] = False,
-    after: Annotated[int | None, Query(ge=0, lt=SEQ_LIMIT, description="Only seqs greater than this")] = None,
-    before: Annotated[int | None, Query(ge=0, lt=SEQ_LIMIT, description="Only seqs less than this")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="Only seqs greater than this")] = None,
+    before: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="Only seqs less than this")] = None,
     order: Annotated[Literal["asc", "desc"], Query(description="By seq; newest first by default")] = "desc",
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="At most this many messages")] = 50,
-    cursor: Annotated[str | None, Query(max_length=512, description="A previous page's `next`")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=512,
+            pattern=CURSOR_PATTERN,
+            description="A previous page's `next`, as it was sent: an opaque value (unpadded base64url) that "
+            "only this server makes; any other value, or one sent with different query parameters, is a 422",
+        ),
+    ] = None,
 ) -> Response:
     """The caller's messages by seq, a page at a time; follow `next` (as `cursor`) for the next page."""
     query: dict[str, Any] = {"unread": unread, "order": order, "after": after, "before": before}

@@ -54,7 +54,17 @@ def not_reserved(event: str) -> str:
     return event
 
 
-Recipient = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(no_control_characters)]
+# What no_control_characters and storable_text let through, for the schema only: pydantic's regex engine
+# would check the same again.
+EVENT_SCHEMA_PATTERN = r"^(?!(?:pause|reset|token_expired)$)(?!pgpush)[A-Za-z0-9_.:-]{1,64}$"
+RECIPIENT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
+KEY_PATTERN = r"^[^\x00]*$"
+
+Recipient = Annotated[
+    str,
+    Field(min_length=1, max_length=256, json_schema_extra={"pattern": RECIPIENT_PATTERN}),
+    AfterValidator(no_control_characters),
+]
 
 
 class PublishRequest(BaseModel):
@@ -63,15 +73,24 @@ class PublishRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     recipients: list[Recipient] = Field(
-        min_length=1, max_length=MAX_RECIPIENTS, description="Distinct users (JWT `sub`s), 1 to 1,000"
+        min_length=1,
+        max_length=MAX_RECIPIENTS,
+        description="Distinct users (JWT `sub`s), 1 to 1,000",
+        json_schema_extra={"uniqueItems": True},  # enforced by _distinct below
     )
     event: Annotated[str, AfterValidator(not_reserved)] = Field(
         default="message",
         pattern=EVENT_PATTERN,
         description="The SSE event type; not pause, reset, token_expired or a name starting with pgpush",
+        # The schema states the reserved names too, so what it admits the server accepts; pydantic's own
+        # regex engine has no look-ahead, hence not_reserved for the check itself.
+        json_schema_extra={"pattern": EVENT_SCHEMA_PATTERN},
     )
     data: JsonValue = Field(description="Any JSON value; at most PGPUSH_MAX_DATA_BYTES as compact JSON")
-    key: Annotated[str, AfterValidator(storable_text)] | None = Field(
+    key: (
+        Annotated[str, Field(json_schema_extra={"pattern": KEY_PATTERN}), AfterValidator(storable_text)]
+        | None
+    ) = Field(
         default=None,
         max_length=256,
         description="Idempotency key: a repeat for a recipient returns its existing message",

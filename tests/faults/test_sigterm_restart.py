@@ -13,9 +13,10 @@ import pytest
 from pgpush.cli import GRACEFUL_SHUTDOWN_SECONDS
 
 from tests.conftest import make_token
-from tests.faults.client import ResumingClient, wait_until
+from tests.faults.client import ResumingClient
 from tests.faults.ledger import Ledger
 from tests.faults.writers import committed, write_until
+from tests.polling import wait_until
 from tests.serve_process import HOST, ServerProcess
 
 USERS = 25
@@ -46,7 +47,7 @@ async def test_sigterm_drains_every_stream_with_a_jittered_retry_and_clients_res
     try:
         await first.ready()
         runners = [asyncio.create_task(client.run(stop_clients)) for client in clients]
-        await wait_until(lambda: all(c.current for c in clients), within=15, what="all clients connected")
+        await wait_until(lambda: all(c.current for c in clients), what="all clients connected")
         writers = [
             asyncio.create_task(write_until(stop_writers, database_url, users, ledger, writer=w))
             for w in range(WRITERS)

@@ -11,9 +11,10 @@ import asyncpg
 import pytest
 
 from tests.conftest import make_token
-from tests.faults.client import LightStream, poll, wait_until
 from tests.faults.ledger import Ledger
+from tests.polling import wait_until
 from tests.serve_process import HOST, ServerProcess
+from tests.sse_client import SSEStream
 
 ROWS = 50_000
 BATCH = 1_000
@@ -41,7 +42,7 @@ async def sample_rss(server: ServerProcess, peak: list[int], stop: asyncio.Event
             await asyncio.wait_for(stop.wait(), 0.02)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(300)
 async def test_a_stalled_client_is_cut_memory_stays_bounded_and_it_resumes_with_all_rows(
     serve: ServerProcess, db: asyncpg.Connection
 ) -> None:
@@ -49,16 +50,16 @@ async def test_a_stalled_client_is_cut_memory_stays_bounded_and_it_resumes_with_
     ledger = Ledger()
     log = ledger.client("alice", "alice")
     # Warm up every code path once, so the baseline is the server's steady size.
-    warm = await LightStream.open(HOST, serve.port, make_token("bob"))
+    warm = await SSEStream.open(HOST, serve.port, make_token("bob"))
     await db.execute("INSERT INTO messages (recipient, data) VALUES ('bob', '1')")
-    await wait_until(lambda: warm.seqs != [], within=5)
+    await wait_until(lambda: warm.seqs != [])
     await warm.close()
     baseline = serve.rss_bytes()
     peak = [baseline]
     stop_sampling = asyncio.Event()
     sampler = asyncio.create_task(sample_rss(serve, peak, stop_sampling))
 
-    stalled = await LightStream.open(HOST, serve.port, token, seqs=log.seqs, read=False)
+    stalled = await SSEStream.open(HOST, serve.port, token, seqs=log.seqs, read=False)
     assert stalled.status == 200  # registered with the hub before the response head is sent
     for first in range(1, ROWS + 1, BATCH):
         rows = await db.fetch(
@@ -70,14 +71,14 @@ async def test_a_stalled_client_is_cut_memory_stays_bounded_and_it_resumes_with_
     async def cut() -> bool:
         return await serve.metric("pgpush_streams_closed_total", reason="overflow") == 1
 
-    await poll(cut, within=20, what="the stalled stream was cut for overflowing")
+    await wait_until(cut, within=120, what="the stalled stream was cut for overflowing")
     assert await serve.metric("pgpush_streams") == 0
     stalled.start_reading()  # what the kernel buffered before the cut, then the server's close
-    await asyncio.wait_for(stalled.closed.wait(), 10)
+    await asyncio.wait_for(stalled.closed.wait(), 30)
     cut_after = len(log.seqs)
     assert cut_after < ROWS, "the stream was cut before everything was sent"
 
-    resumed = await LightStream.open(
+    resumed = await SSEStream.open(
         HOST, serve.port, token, last_event_id=stalled.last_event_id or 0, seqs=log.seqs
     )
     await wait_until(lambda: len(log.seqs) >= ROWS, within=60, what="the resumed stream received every row")

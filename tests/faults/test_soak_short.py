@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.serve_process import cli_environment
+
 FIGURES = re.compile(
     r"^soak: sent=(\d+) expected=(\d+) received=(\d+) lost=(\d+) dup=(\d+) "
     r"out_of_order=(\d+) unexpected=(\d+) kills=(\d+) hangups=(\d+) connections=(\d+)$",
@@ -24,7 +26,10 @@ async def test_a_short_soak_with_churn_and_listener_kills_loses_nothing(database
         "--hangup-every", "2", "--kill-every", "1.5", "--seed", "4",
         "--database-url", database_url,
     ]  # fmt: skip
-    run = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=80)
+    env = cli_environment(None)
+    run = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=80, env=env
+    )
     print(run.stdout)
     found = FIGURES.search(run.stdout)
     assert run.returncode == 0 and found, f"{run.returncode}\n{run.stdout}\n{run.stderr}"

@@ -10,8 +10,9 @@ import asyncpg
 import pytest
 
 from tests.conftest import ServerFactory, make_token
-from tests.faults.client import LightStream, wait_until
 from tests.faults.ledger import Ledger
+from tests.polling import wait_until
+from tests.sse_client import SSEStream
 
 CLIENTS = 1000
 USERS = 250
@@ -54,7 +55,7 @@ async def test_a_thousand_clients_reconnecting_at_once_all_get_their_replay_then
 
     streams = await asyncio.gather(
         *(
-            LightStream.open(
+            SSEStream.open(
                 "127.0.0.1", port, tokens[log.user], last_event_id=log.after, seqs=log.seqs, within=60
             )
             for log in logs
@@ -62,7 +63,7 @@ async def test_a_thousand_clients_reconnecting_at_once_all_get_their_replay_then
         return_exceptions=True,
     )
     try:
-        failures = [s for s in streams if not isinstance(s, LightStream) or s.status != 200]
+        failures = [s for s in streams if not isinstance(s, SSEStream) or s.status != 200]
         assert not failures, f"{len(failures)} of {CLIENTS} were not served, e.g. {failures[:3]}"
         await wait_until(lambda: all(len(log.seqs) >= MISSED for log in logs), within=30, what="every replay")
         replayed = sum(len(log.seqs) for log in logs)
@@ -71,9 +72,9 @@ async def test_a_thousand_clients_reconnecting_at_once_all_get_their_replay_then
         await ledger.settle(within=30)
         assert server.stream_count == CLIENTS
     finally:
-        await asyncio.gather(*(s.close() for s in streams if isinstance(s, LightStream)))
+        await asyncio.gather(*(s.close() for s in streams if isinstance(s, SSEStream)))
     tally = ledger.assert_exact()
     print(f"\nthundering herd: {tally}")
     assert replayed == CLIENTS * MISSED
     assert tally.received == CLIENTS * (MISSED + 1)
-    await server.wait_for(lambda: server.stream_count == 0, timeout=15)
+    await wait_until(lambda: server.stream_count == 0)

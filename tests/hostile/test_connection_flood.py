@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from tests.conftest import make_token
-from tests.faults.client import poll
 from tests.hostile.conftest import watching
+from tests.polling import wait_until
 from tests.serve_process import HOST, ServerProcess
 
 ATTEMPTS = 10_000
@@ -44,7 +44,7 @@ async def attempt(port: int, request: bytes, held: list[asyncio.StreamWriter]) -
     return status
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(400)
 async def test_ten_thousand_stream_requests_from_one_user_get_429_beyond_the_cap_and_leak_nothing(
     serve: ServerProcess, db: asyncpg.Connection
 ) -> None:
@@ -62,7 +62,7 @@ async def test_ten_thousand_stream_requests_from_one_user_get_429_beyond_the_cap
     health_times: list[float] = []
 
     async def probe_health(stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(base_url=serve.url, timeout=5) as client:
+        async with httpx.AsyncClient(base_url=serve.url, timeout=60) as client:
             while not stop.is_set():
                 started = time.monotonic()
                 assert (await client.get("/healthz")).status_code == 200
@@ -74,7 +74,8 @@ async def test_ten_thousand_stream_requests_from_one_user_get_429_beyond_the_cap
         checker = asyncio.create_task(bob.keep_checking(stop, every=0.2))
         prober = asyncio.create_task(probe_health(stop))
         started = time.monotonic()
-        async with asyncio.timeout(45):
+        # A bound for a wedged server, not a speed target: a loaded machine takes minutes, not seconds.
+        async with asyncio.timeout(300):
             await asyncio.gather(*(one() for _ in range(ATTEMPTS)))
         flood_seconds = time.monotonic() - started
         stop.set()
@@ -89,7 +90,7 @@ async def test_ten_thousand_stream_requests_from_one_user_get_429_beyond_the_cap
         async def only_bobs_left() -> bool:
             return await serve.metric("pgpush_streams") == 1
 
-        await poll(only_bobs_left, within=10, what="the refused and closed streams are all gone")
+        await wait_until(only_bobs_left, what="the refused and closed streams are all gone")
     print(
         f"\nflood: {ATTEMPTS} attempts in {flood_seconds:.1f}s -> {statuses}; bob served "
         f"{len(delivery_times)} times (max {max(delivery_times):.3f}s); /healthz max {max(health_times):.3f}s"

@@ -12,8 +12,9 @@ import asyncpg
 import pytest
 
 from tests.conftest import RunningServer, make_token
-from tests.faults.client import LightStream, wait_until
 from tests.hostile.conftest import Bystander, port_of
+from tests.polling import wait_until
+from tests.sse_client import SSEStream
 
 
 def nested(depth: int) -> dict[str, tuple[str, str]]:
@@ -34,15 +35,15 @@ def nested(depth: int) -> dict[str, tuple[str, str]]:
 async def test_deeply_nested_json_is_delivered_intact(
     server: RunningServer, bystander: Bystander, db: asyncpg.Connection, depth: int
 ) -> None:
-    stream = await LightStream.open("127.0.0.1", port_of(server), make_token("alice"), keep_events=True)
+    stream = await SSEStream.open("127.0.0.1", port_of(server), make_token("alice"), keep_events=True)
     cases = nested(depth)
     for shape, (written, _) in cases.items():
         await db.execute(
             "INSERT INTO messages (recipient, event, data) VALUES ('alice', $1, $2::jsonb)", shape, written
         )
-    await wait_until(lambda: len(stream.seqs) == len(cases), within=10, what="every nested row")
+    await wait_until(lambda: len(stream.seqs) == len(cases), what="every nested row")
     await bystander.assert_served()
     await stream.close()
     assert stream.events is not None
     for event in stream.events:
-        assert event.data.decode() == cases[event.type][1], event.type
+        assert event.data == cases[event.type][1], event.type

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
@@ -19,6 +19,7 @@ from pgpush.db import CHANNEL_QUERY
 from pgpush.hints import parse_hint
 
 from tests.conftest import ServerFactory, make_token
+from tests.polling import wait_until
 from tests.sse_client import open_stream
 
 
@@ -41,7 +42,7 @@ class Heard:
         self.names.update(row.recipient for row in hint.rows)
         self.changed.set()
 
-    async def until_named(self, recipients: set[str], timeout: float = 10) -> None:
+    async def until_named(self, recipients: set[str], timeout: float = 30) -> None:
         async with asyncio.timeout(timeout):
             while not recipients <= self.names:
                 self.changed.clear()
@@ -66,6 +67,17 @@ async def announcer_conn(database_url: str) -> AsyncIterator[asyncpg.Connection]
 
 async def insert(conn: asyncpg.Connection, recipient: str) -> None:
     await conn.execute("INSERT INTO messages (recipient, data) VALUES ($1, '{}')", recipient)
+
+
+async def wait_until_blocked_on_a_lock(db: asyncpg.Connection, conn: asyncpg.Connection) -> None:
+    """Until `conn`'s backend is seen waiting for a lock (the announcer queued behind writers)."""
+    pid = conn.get_server_pid()
+
+    async def blocked() -> bool:
+        state = await db.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid)
+        return bool(state == "Lock")
+
+    await wait_until(blocked, interval=0.005, what="the announcer waits for a lock")
 
 
 async def test_while_awake_a_statement_hands_over_and_the_announce_names_it(
@@ -120,7 +132,7 @@ async def test_falling_asleep_waits_for_a_writer_that_saw_it_awake(
         # Meanwhile the others are not held up: asleep, a new statement notifies for itself.
         await insert(db, "quick")
         await heard.until_named({"quick"})
-        await asyncio.sleep(announcer.LOCK_WAIT_MS / 1000 * 2)
+        await wait_until_blocked_on_a_lock(db, announcer_conn)  # settling, it waits for the slow writer
         assert not settling.done(), "settled while a statement that saw the announcer awake was open"
 
         await slow_tx.commit()
@@ -132,8 +144,14 @@ async def test_falling_asleep_waits_for_a_writer_that_saw_it_awake(
 
 
 async def test_a_wake_that_times_out_leaves_nothing_stranded(
-    database_url: str, db: asyncpg.Connection, announcer_conn: asyncpg.Connection, heard: Heard
+    database_url: str,
+    db: asyncpg.Connection,
+    announcer_conn: asyncpg.Connection,
+    heard: Heard,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The announcer's lock wait, long enough that the write below surely lands while it waits.
+    monkeypatch.setattr(announcer, "LOCK_WAIT_MS", 5000)
     direct = await asyncpg.connect(database_url)
     try:
         open_tx = direct.transaction()
@@ -141,8 +159,10 @@ async def test_a_wake_that_times_out_leaves_nothing_stranded(
         await insert(direct, "open")  # asleep: it holds its share of "awake" until it ends
 
         waking = asyncio.create_task(announcer.wake(announcer_conn))
-        await asyncio.sleep(0.05)
+        await wait_until_blocked_on_a_lock(db, announcer_conn)
         await insert(db, "during")  # the waiting announcer counts as awake: this one hands over
+        assert not waking.done(), "the wake gave up before the write: the handover was not exercised"
+        assert await db.fetchval("SELECT count(*) FROM message_changes") == 1, "the write handed over"
         assert not await waking
         await announcer.settle(announcer_conn, announcer.announce)
         await heard.until_named({"during"})
@@ -210,9 +230,9 @@ async def test_the_service_batches_a_busy_stream_and_delivers_everything_once_in
 ) -> None:
     server = await start_server(notify_batch_above=20, notify_batch_interval_ms=5)
     app_announcer: announcer.Announcer = server.app.state.announcer
-    await server.wait_for(lambda: app_announcer.elected)
+    await wait_until(lambda: app_announcer.elected)
     async with await open_stream(server.url, make_token("alice")) as stream:
-        await server.wait_for(lambda: stream.parser.retries != [])
+        await wait_until(lambda: stream.retries != [])
         for _ in range(400):  # about 150 statements/s for over two seconds: well past 20/s
             await insert(db, "alice")
             await asyncio.sleep(0.005)
@@ -238,14 +258,9 @@ async def test_one_announcer_at_a_time_and_a_standby_announces_what_was_left(
             database_url, heard=lambda: 0, batch_above=1000, interval=0.005, backoff_max=0.2
         )
 
-    async def until(condition: Callable[[], bool]) -> None:
-        async with asyncio.timeout(10):
-            while not condition():
-                await asyncio.sleep(0.02)
-
     first, standby = quiet_announcer(), quiet_announcer()
     first.start()
-    await until(lambda: first.elected)
+    await wait_until(lambda: first.elected)
     standby.start()
     try:
         # A statement handed over to an announcer whose session then died: nobody announced it.
@@ -257,7 +272,7 @@ async def test_one_announcer_at_a_time_and_a_standby_announces_what_was_left(
         assert not standby.elected
 
         await first.stop()
-        await until(lambda: standby.elected)
+        await wait_until(lambda: standby.elected)
         await heard.until_named({"left-behind"})
     finally:
         await first.stop()
@@ -280,9 +295,11 @@ async def test_ending_a_previous_session_ends_that_one_and_not_a_reused_pid(data
 
         await announcer.end_session(admin, session)
         alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
-        async with asyncio.timeout(5):
-            while await admin.fetchval(alive, session["pid"]):
-                await asyncio.sleep(0.02)
+
+        async def ended() -> bool:
+            return not await admin.fetchval(alive, session["pid"])
+
+        await wait_until(ended, what="the ended session is gone")
         assert await announcer.wake(admin), '"awake" was still held by the ended session'
     finally:
         for conn in (previous, bystander, admin):

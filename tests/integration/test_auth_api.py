@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -21,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
 from tests.conftest import JWT_SECRET, RunningServer, ServerFactory, make_token
+from tests.polling import wait_until
+from tests.sse_client import open_stream
 
 BEARER = "Bearer"
 # Plain HTTP on loopback: not loading the CA bundle saves ~70 ms per client.
@@ -48,7 +51,7 @@ async def get_events(
         if response.status_code != 200:
             await response.aread()
     if response.status_code == 200:
-        await server.wait_for(lambda: server.stream_count == 0)
+        await wait_until(lambda: server.stream_count == 0)
     return response
 
 
@@ -94,13 +97,15 @@ class JwksServer:
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
         self.fetches = 0
-        self.delay = 0.0
+        # Cleared, it holds every fetch until set: a provider slow for exactly as long as a test needs.
+        self.release = threading.Event()
+        self.release.set()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.fetches += 1
-                time.sleep(owner.delay)
+                owner.release.wait(60)
                 body = json.dumps({"keys": owner.keys}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -241,7 +246,7 @@ async def test_es256_and_eddsa_tokens_verify_with_their_pem_keys(start_server: S
 # --- JWKS ---------------------------------------------------------------------------------------------
 
 
-async def test_a_jwks_rotation_is_picked_up_and_refetches_are_rate_limited(
+async def test_a_jwks_rotation_is_picked_up_once_the_refetch_interval_allows(
     start_server: ServerFactory, jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
 ) -> None:
     interval = 2.0
@@ -263,7 +268,6 @@ async def test_a_jwks_rotation_is_picked_up_and_refetches_are_rate_limited(
     assert (await get_events(server, signed(es_key, "ES256", kid="k1"))).status_code == 200
     assert (await get_events(server, signed(es_key, "ES256", kid="k1", sub="bob"))).status_code == 200
     assert jwks_server.fetches == 1
-    fetched_at = time.monotonic()
     symmetric = jwt.encode(
         {"sub": "alice", "exp": int(time.time()) + 60}, OTHER_SECRET, algorithm="HS256", headers={"kid": "hs"}
     )
@@ -271,22 +275,43 @@ async def test_a_jwks_rotation_is_picked_up_and_refetches_are_rate_limited(
     wrong_family = signed(rsa_key, "RS256", kid="k1")
     assert_refused(await get_events(server, wrong_family), INVALID_TOKEN, "RS256 with an EC key's kid")
 
-    # The provider rotates: k1 out, k2 (Ed25519) in. The new kid is fetched once the interval allows.
+    # The provider rotates: k1 out, k2 (Ed25519) in. The new kid works once the interval allows one fetch;
+    # the attempts before that are refused without asking the provider.
     jwks_server.keys = [jwk(ed_key, "k2", "EdDSA")]
-    await asyncio.sleep(max(0.0, fetched_at + interval + 0.1 - time.monotonic()))
-    assert (await get_events(server, signed(ed_key, "EdDSA", kid="k2"))).status_code == 200
+    await accepted_eventually(server, signed(ed_key, "EdDSA", kid="k2"))
     assert jwks_server.fetches == 2
+    assert_refused(await get_events(server, signed(es_key, "ES256", kid="k1")), INVALID_TOKEN, "rotated out")
+
+    jwks_server.keys.append(jwk(rsa_key, "k3", "RS256"))
+    await accepted_eventually(server, signed(rsa_key, "RS256", kid="k3"))
+    assert jwks_server.fetches == 3
+
+
+async def accepted_eventually(server: RunningServer, token: str) -> None:
+    """Open a stream with `token` every 0.2 s until it is accepted (each refusal a clean 401)."""
+
+    async def accepted() -> bool:
+        response = await get_events(server, token)
+        if response.status_code != 200:
+            assert_refused(response, INVALID_TOKEN, "a kid not fetched yet")
+        return response.status_code == 200
+
+    await wait_until(accepted, interval=0.2, what="the new key was fetched")
+
+
+async def test_unknown_kids_do_not_make_the_server_ask_the_provider_again_within_the_interval(
+    start_server: ServerFactory, jwks_server: JwksServer
+) -> None:
+    es_key, ed_key = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
+    jwks_server.keys = [jwk(es_key, "k1", "ES256")]
+    # An interval no run of this test comes near: every request below falls inside it.
+    server = await start_server(jwt_secret=None, jwt_jwks_url=jwks_server.url, jwt_jwks_refetch_seconds=3600)
+    assert (await get_events(server, signed(es_key, "ES256", kid="k1"))).status_code == 200
+    assert jwks_server.fetches == 1
     for n in range(5):  # made-up kids right after a fetch: refused without asking the provider again
         made_up = signed(ed_key, "EdDSA", kid=f"nope-{n}")
         assert_refused(await get_events(server, made_up), INVALID_TOKEN, "an unknown kid")
-    assert_refused(await get_events(server, signed(es_key, "ES256", kid="k1")), INVALID_TOKEN, "rotated out")
-    assert jwks_server.fetches == 2
-    fetched_at = time.monotonic()
-
-    jwks_server.keys.append(jwk(rsa_key, "k3", "RS256"))
-    await asyncio.sleep(max(0.0, fetched_at + interval + 0.1 - time.monotonic()))
-    assert (await get_events(server, signed(rsa_key, "RS256", kid="k3"))).status_code == 200
-    assert jwks_server.fetches == 3
+    assert jwks_server.fetches == 1
 
 
 async def test_a_stale_jwks_keeps_serving_while_it_is_refreshed_in_the_background(
@@ -299,10 +324,13 @@ async def test_a_stale_jwks_keeps_serving_while_it_is_refreshed_in_the_backgroun
     )
     assert (await get_events(server, signed(es_key, "ES256", kid="k1"))).status_code == 200
     assert jwks_server.fetches == 1
-    await asyncio.sleep(0.6)
     jwks_server.keys = []  # a broken refresh must not wipe the keys that work
-    assert (await get_events(server, signed(es_key, "ES256", kid="k1"))).status_code == 200
-    await server.wait_for(lambda: jwks_server.fetches == 2)
+
+    async def served_while_refreshing() -> bool:
+        assert (await get_events(server, signed(es_key, "ES256", kid="k1"))).status_code == 200
+        return jwks_server.fetches == 2  # the cache went stale and one refresh ran in the background
+
+    await wait_until(served_while_refreshing, interval=0.1, what="a background refresh")
     assert (await get_events(server, signed(es_key, "ES256", kid="k1"))).status_code == 200
 
 
@@ -310,14 +338,18 @@ async def test_a_slow_jwks_fetch_does_not_block_the_server(
     start_server: ServerFactory, jwks_server: JwksServer
 ) -> None:
     es_key = ec.generate_private_key(ec.SECP256R1())
-    jwks_server.keys, jwks_server.delay = [jwk(es_key, "k1", "ES256")], 1.0
+    jwks_server.keys = [jwk(es_key, "k1", "ES256")]
+    jwks_server.release.clear()  # the provider hangs until the test lets it answer
     server = await start_server(jwt_secret=None, jwt_jwks_url=jwks_server.url)
     waiting = asyncio.create_task(get_events(server, signed(es_key, "ES256", kid="k1")))
-    await server.wait_for(lambda: jwks_server.fetches == 1)
-    async with httpx.AsyncClient(base_url=server.url, **CLIENT_OPTIONS) as client:
-        assert (await client.get("/healthz")).status_code == 200
-        assert not waiting.done(), "/healthz was answered while the slow JWKS fetch was still running"
-    assert (await asyncio.wait_for(waiting, 10)).status_code == 200
+    try:
+        await wait_until(lambda: jwks_server.fetches == 1, what="the JWKS fetch started")
+        async with httpx.AsyncClient(base_url=server.url, **CLIENT_OPTIONS) as client:
+            assert (await client.get("/healthz")).status_code == 200
+        assert not waiting.done(), "the stream request was answered before the JWKS fetch finished"
+    finally:
+        jwks_server.release.set()
+    assert (await asyncio.wait_for(waiting, 30)).status_code == 200
 
 
 async def test_an_unreachable_jwks_is_a_503_with_retry_after(start_server: ServerFactory) -> None:
@@ -374,3 +406,91 @@ async def test_publisher_tokens_come_from_their_own_configuration(
     # ...and a publisher token does not open streams, which use the subscriber configuration.
     assert_refused(await get_events(server, publisher), INVALID_TOKEN, "publisher token on /events")
     assert (await get_events(server, make_token("alice"))).status_code == 200
+
+
+# --- whose rows a stream carries ----------------------------------------------------------------------
+
+
+async def assert_each_stream_carries_only_its_subs_rows(
+    server: RunningServer, db: asyncpg.Connection, tokens: dict[str, str]
+) -> None:
+    """Open a stream per sub; rows for all of them and for a stranger interleave in one statement, then a
+    last row per sub marks the end: each stream holds exactly its sub's rows, in order (no quiet window)."""
+    streams = {sub: await open_stream(server.url, token) for sub, token in tokens.items()}
+    try:
+        await wait_until(lambda: server.stream_count == len(tokens))
+        subs = [*tokens, "stranger"]
+        rows = [(sub, n) for n in range(3) for sub in subs]
+        await db.execute(
+            "INSERT INTO messages (recipient, data) SELECT r, to_jsonb(n) FROM unnest($1::text[], $2::int[]) "
+            "AS t(r, n)",
+            [r for r, _ in rows],
+            [n for _, n in rows],
+        )
+        await db.executemany(
+            "INSERT INTO messages (recipient, data) VALUES ($1, '\"end\"')", [(s,) for s in subs]
+        )
+        for sub, stream in streams.items():
+            events = await stream.messages(4, timeout=30)
+            assert [e.data for e in events] == ["0", "1", "2", '"end"'], sub
+    finally:
+        for stream in streams.values():
+            await stream.close()
+
+
+async def test_streams_opened_with_pem_key_tokens_carry_their_own_subs_rows_only(
+    start_server: ServerFactory, db: asyncpg.Connection, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    es_key, ed_key = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
+    for key, alg in ((rsa_key, "RS256"), (es_key, "ES256"), (ed_key, "EdDSA")):
+        server = await start_server(jwt_secret=None, jwt_public_key=public_pem(key))
+        tokens = {sub: signed(key, alg, sub=sub) for sub in (f"{alg}-alice", f"{alg}-bob")}
+        await assert_each_stream_carries_only_its_subs_rows(server, db, tokens)
+
+
+async def test_streams_opened_with_jwks_tokens_carry_their_own_subs_rows_only(
+    start_server: ServerFactory,
+    db: asyncpg.Connection,
+    jwks_server: JwksServer,
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    es_key, ed_key = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
+    keys = {"rs": (rsa_key, "RS256"), "es": (es_key, "ES256"), "ed": (ed_key, "EdDSA")}
+    jwks_server.keys = [jwk(key, kid, alg) for kid, (key, alg) in keys.items()]
+    server = await start_server(jwt_secret=None, jwt_jwks_url=jwks_server.url)
+    tokens = {f"{kid}-user": signed(key, alg, sub=f"{kid}-user", kid=kid) for kid, (key, alg) in keys.items()}
+    await assert_each_stream_carries_only_its_subs_rows(server, db, tokens)
+
+
+async def test_a_new_stream_is_refused_503_shutting_down_while_the_server_drains(
+    start_server: ServerFactory, jwks_server: JwksServer
+) -> None:
+    """A request already inside the server when SIGTERM comes reaches the stream code after the drain began.
+
+    The held JWKS fetch is the synchronisation point: the request waits in authentication while the
+    server starts draining, and is let through only once the drain has visibly begun.
+    """
+    es_key = ec.generate_private_key(ec.SECP256R1())
+    jwks_server.keys = [jwk(es_key, "k1", "ES256")]
+    server = await start_server(jwt_secret=None, jwt_jwks_url=jwks_server.url, jwt_jwks_refetch_seconds=0)
+    # A stream opened before the drain: its goodbye shows the drain has begun.
+    bob = await open_stream(server.url, signed(es_key, "ES256", sub="bob", kid="k1"))
+    # A token with a kid the server has not fetched yet: its request waits for a fetch, held until released.
+    jwks_server.keys.append(jwk(es_key, "k2", "ES256"))
+    jwks_server.release.clear()
+    fetched = jwks_server.fetches
+    headers = {"Authorization": f"Bearer {signed(es_key, 'ES256', kid='k2')}"}
+    async with httpx.AsyncClient(base_url=server.url, **CLIENT_OPTIONS) as client:
+        late = asyncio.create_task(client.get("/events", headers=headers))
+        try:
+            await wait_until(lambda: jwks_server.fetches > fetched, what="the request waits for the keys")
+            await asyncio.to_thread(server.drain)
+            await asyncio.wait_for(bob.closed.wait(), 30)
+        finally:
+            jwks_server.release.set()
+        response = await asyncio.wait_for(late, 30)
+    await bob.close()
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "shutting_down"
+    assert response.headers["retry-after"].isdigit()
+    assert server.metric("pgpush_streams_rejected_total", reason="shutting_down") == 1

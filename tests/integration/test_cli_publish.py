@@ -5,25 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tests.conftest import JWT_SECRET, RunningServer, make_token
+from tests.conftest import RunningServer, make_token
+from tests.polling import wait_until
+from tests.serve_process import cli_environment
 from tests.sse_client import open_stream
 
 
 def cli_env(database_url: str) -> dict[str, str]:
-    return os.environ | {
-        "DATABASE_URL": database_url,
-        "PGPUSH_JWT_SECRET": JWT_SECRET,
-        "PGPUSH_LOG_LEVEL": "info",
-    }
+    return cli_environment(database_url, log_level="info")
 
 
 async def pgpush(database_url: str, *args: str) -> tuple[int, str, str]:
@@ -72,14 +68,17 @@ async def following(database_url: str, *args: str) -> AsyncIterator[asyncio.subp
         await asyncio.wait_for(process.wait(), timeout=10)
 
 
-async def wait_for_rows(db: asyncpg.Connection, recipient: str, count: int, within: float = 10) -> list[str]:
+async def wait_for_rows(db: asyncpg.Connection, recipient: str, count: int) -> list[str]:
     """The recipient's rows' data (JSON strings decoded), once there are `count` of them."""
-    deadline = time.monotonic() + within
-    while True:
-        rows = await db.fetch("SELECT data::text FROM messages WHERE recipient = $1 ORDER BY seq", recipient)
-        if len(rows) >= count or time.monotonic() > deadline:
-            return [json.loads(r["data"]) for r in rows]
-        await asyncio.sleep(0.05)
+    rows: list[str] = []
+
+    async def enough() -> bool:
+        found = await db.fetch("SELECT data::text FROM messages WHERE recipient = $1 ORDER BY seq", recipient)
+        rows[:] = [json.loads(r["data"]) for r in found]
+        return len(rows) >= count
+
+    await wait_until(enough, interval=0.05, what=f"{count} rows for {recipient}")
+    return rows
 
 
 def append(path: Path, text: str) -> None:

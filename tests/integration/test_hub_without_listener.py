@@ -63,7 +63,7 @@ async def live_stream(hub: Hub, recipient: str) -> Stream:
 async def received_seqs(stream: Stream, count: int) -> list[int]:
     text = ""
     while text.count("id: ") < count:
-        await asyncio.wait_for(stream.wait(), 5)
+        await asyncio.wait_for(stream.wait(), 30)
         text += stream.take().data.decode()
     return [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
 

@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, make_token
+from tests.conftest import RunningServer, insert_rows, make_token
 from tests.sse_client import open_stream
 
 ALICE = {"Authorization": f"Bearer {make_token('alice')}"}
@@ -20,16 +20,6 @@ ALICE = {"Authorization": f"Bearer {make_token('alice')}"}
 async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, timeout=10, headers=ALICE) as http:
         yield http
-
-
-async def insert_rows(db: asyncpg.Connection, recipient: str, count: int) -> list[int]:
-    records = await db.fetch(
-        "INSERT INTO messages (recipient, event, data) "
-        "SELECT $1, 'note', jsonb_build_object('n', n) FROM generate_series(1, $2) AS n RETURNING seq",
-        recipient,
-        count,
-    )
-    return sorted(r["seq"] for r in records)
 
 
 async def inbox(http: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
@@ -60,7 +50,7 @@ async def test_the_inbox_lists_the_users_own_messages_newest_first(
     assert page["next"] is None
     newest = page["messages"][0]
     assert set(newest) == {"id", "seq", "event", "data", "created_at", "read_at"}
-    assert (newest["event"], newest["data"], newest["read_at"]) == ("note", {"n": 3}, None)
+    assert (newest["event"], newest["data"], newest["read_at"]) == ("lead", {"n": 3}, None)
 
 
 async def test_filters_order_and_limit(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -15,6 +15,8 @@ from pgpush import announcer
 from pgpush.migrate import alembic_config, migrate
 
 from tests.conftest import with_database
+from tests.polling import wait_until
+from tests.serve_process import cli_environment
 
 
 @pytest.fixture
@@ -32,7 +34,7 @@ async def empty_database(pg_url: str) -> AsyncIterator[str]:
 def run_migrate(database_url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pgpush", "migrate"],
-        env={"DATABASE_URL": database_url, "PGPUSH_JWT_SECRET": "x" * 32, "PATH": "/usr/bin:/bin"},
+        env=cli_environment(database_url),
         capture_output=True,
         text=True,
         timeout=120,
@@ -164,13 +166,6 @@ async def test_one_notification_per_statement_small_ones_carry_their_rows(db: as
     assert received[4] == "carol"  # one row too large to carry
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Notifications arrive asynchronously: wait (up to 5 s) for what the test expects."""
-    async with asyncio.timeout(5):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 async def test_downgrading_0003_announces_what_was_handed_over_and_upgrading_again_works(
     empty_database: str,
 ) -> None:
@@ -188,13 +183,13 @@ async def test_downgrading_0003_announces_what_was_handed_over_and_upgrading_aga
         await asyncio.to_thread(command.downgrade, alembic_config(empty_database), "0002")
         assert await writer.fetchval("SELECT to_regclass('message_changes')") is None
         await writer.execute("INSERT INTO messages (recipient, data) VALUES ('bob', '2')")
-        await until(lambda: len(received) == 2)
+        await wait_until(lambda: len(received) == 2)
         assert received[0] == "*"  # the handed-over statement, as "everyone, re-read"
         assert received[1].startswith("bob\nbob\t")  # 0002's notification, with its row
 
         await asyncio.to_thread(migrate, empty_database, "0003")
         await writer.execute("INSERT INTO messages (recipient, data) VALUES ('carol', '3')")
-        await until(lambda: len(received) == 3)
+        await wait_until(lambda: len(received) == 3)
         assert received[2].startswith("carol\ncarol\t")
     finally:
         await writer.close()

@@ -8,6 +8,7 @@ import json
 import asyncpg
 
 from tests.conftest import RunningServer, make_token
+from tests.polling import wait_until
 from tests.sse_client import open_stream
 
 
@@ -20,18 +21,18 @@ INSERT = "INSERT INTO messages (recipient, event, data) VALUES ($1, $2, $3) RETU
 
 async def test_the_stream_starts_with_retry_and_sse_headers(server: RunningServer) -> None:
     async with await open_stream(server.url, make_token("alice")) as stream:
-        assert stream.response.headers["content-type"] == "text/event-stream; charset=utf-8"
-        assert stream.response.headers["cache-control"] == "no-cache"
-        assert stream.response.headers["x-accel-buffering"] == "no"
-        assert "content-length" not in stream.response.headers
-        await server.wait_for(lambda: stream.parser.retries == [server.settings.retry_ms])
+        assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert stream.headers["cache-control"] == "no-cache"
+        assert stream.headers["x-accel-buffering"] == "no"
+        assert "content-length" not in stream.headers
+        await wait_until(lambda: stream.retries == [server.settings.retry_ms])
 
 
 async def test_an_sql_insert_is_delivered_with_its_seq_as_event_id(
     server: RunningServer, db: asyncpg.Connection
 ) -> None:
     async with await open_stream(server.url, make_token("alice")) as stream:
-        await server.wait_for(lambda: stream.parser.retries != [])
+        await wait_until(lambda: stream.retries != [])
         row = await db.fetchrow(INSERT, "alice", "lead", '{"company": "ACME", "phone": "+1 555 0100"}')
         [event] = await stream.messages(1)
     assert event.type == "lead"
@@ -96,7 +97,7 @@ async def test_one_user_never_sees_another_users_rows(server: RunningServer, db:
 async def test_every_stream_of_a_user_gets_each_row(server: RunningServer, db: asyncpg.Connection) -> None:
     streams = [await open_stream(server.url, make_token("alice")) for _ in range(3)]
     try:
-        await server.wait_for(lambda: server.stream_count == 3)
+        await wait_until(lambda: server.stream_count == 3)
         await db.execute(INSERT, "alice", "lead", '{"n": 1}')
         received = [await s.messages(1) for s in streams]
     finally:
@@ -124,7 +125,7 @@ async def test_concurrent_writers_arrive_once_in_order_while_the_listener_is_kil
 ) -> None:
     writers, per_writer = 8, 200
     async with await open_stream(server.url, make_token("alice")) as stream:
-        await server.wait_for(lambda: server.stream_count == 1)
+        await wait_until(lambda: server.stream_count == 1)
 
         async def write(writer: int) -> None:
             conn = await asyncpg.connect(database_url)
@@ -135,13 +136,16 @@ async def test_concurrent_writers_arrive_once_in_order_while_the_listener_is_kil
                 await conn.close()
 
         async def kill_listener_twice() -> None:
+            killed: list[int] = []
+            listener = server.app.state.listener
             for _ in range(2):
-                await asyncio.sleep(0.3)
-                killed = await db.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE application_name = 'pgpush-listener' AND datname = current_database()"
+                # Its session once it listens again (LISTEN done: a kill during its setup is no reconnect).
+                await wait_until(
+                    lambda: listener.connected and listener.backend_pid not in killed,
+                    what="the listener is connected",
                 )
-                assert killed == 1
+                killed.append(listener.backend_pid)
+                assert await db.fetchval("SELECT pg_terminate_backend($1)", killed[-1])
 
         await asyncio.gather(*(write(w) for w in range(writers)), kill_listener_twice())
         events = await stream.messages(writers * per_writer, timeout=30)
@@ -154,7 +158,7 @@ async def test_concurrent_writers_arrive_once_in_order_while_the_listener_is_kil
     ]
     for w in range(writers):  # each writer's rows keep that writer's commit order
         assert [p["n"] for p in payloads if p["w"] == w] == list(range(per_writer))
-    assert server.app.state.metrics.listener_reconnects._value.get() >= 2
+    await wait_until(lambda: server.metric("pgpush_listener_reconnects_total") >= 2, what="two reconnects")
 
 
 async def test_an_open_transaction_for_alice_does_not_delay_bob(
@@ -167,8 +171,41 @@ async def test_an_open_transaction_for_alice_does_not_delay_bob(
             await tx.start()
             await other.execute(INSERT, "alice", "slow", '"pending"')
             await db.execute(INSERT, "bob", "fast", '"now"')
-            [event] = await bob.messages(1, timeout=3)
+            [event] = await bob.messages(1, timeout=30)
             await tx.rollback()
     finally:
         await other.close()
     assert event.data == '"now"'
+
+
+async def test_a_second_write_for_alice_waits_for_her_open_transaction_and_both_arrive_in_seq_order(
+    server: RunningServer, db: asyncpg.Connection, database_url: str
+) -> None:
+    first, second = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        async with await open_stream(server.url, make_token("alice")) as stream:
+            await wait_until(lambda: server.stream_count == 1)
+            tx = first.transaction()
+            await tx.start()
+            held = await first.fetchrow(INSERT, "alice", "first", '"held"')  # her counter row stays locked
+            waiting = asyncio.create_task(second.fetchrow(INSERT, "alice", "second", '"waited"'))
+
+            async def second_write_waits() -> bool:
+                state = await db.fetchval(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", second.get_server_pid()
+                )
+                return bool(state == "Lock")
+
+            await wait_until(second_write_waits, what="the second write waits for the first's lock")
+            assert not waiting.done()
+            await tx.commit()
+            later = await asyncio.wait_for(waiting, 30)
+            events = await stream.messages(2, timeout=30)
+    finally:
+        await first.close()
+        await second.close()
+    assert held["seq"] < later["seq"]
+    assert [(e.type, e.seq, e.data) for e in events] == [
+        ("first", held["seq"], '"held"'),
+        ("second", later["seq"], '"waited"'),
+    ]

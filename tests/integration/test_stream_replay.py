@@ -6,19 +6,8 @@ import asyncpg
 import pytest
 from pgpush.hub import NEWCOMER_UNREAD
 
-from tests.conftest import RunningServer, ServerFactory, make_token
+from tests.conftest import RunningServer, ServerFactory, insert_rows, make_token
 from tests.sse_client import open_stream
-
-
-async def insert_rows(db: asyncpg.Connection, recipient: str, count: int, event: str = "lead") -> list[int]:
-    records = await db.fetch(
-        "INSERT INTO messages (recipient, event, data) "
-        "SELECT $1, $2, jsonb_build_object('n', n) FROM generate_series(1, $3) AS n RETURNING seq",
-        recipient,
-        event,
-        count,
-    )
-    return sorted(r["seq"] for r in records)
 
 
 async def test_last_event_id_header_replays_only_the_unread_rows_after_it(

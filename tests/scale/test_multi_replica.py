@@ -21,9 +21,10 @@ import asyncpg
 import pytest
 
 from tests.conftest import make_token
-from tests.faults.client import ResumingClient, poll, wait_until
+from tests.faults.client import ResumingClient
 from tests.faults.ledger import Ledger
 from tests.faults.writers import committed, write_until
+from tests.polling import wait_until
 from tests.scale.nginx import Nginx, find_nginx
 from tests.serve_process import HOST, ServerProcess, free_port
 
@@ -146,7 +147,7 @@ async def test_three_replicas_behind_nginx_deliver_each_row_once_through_a_kill_
 
     try:
         # 1. Spread over the replicas; rows written with SQL reach every client of their user, once.
-        await poll(all_held, within=20, what="every client holds a stream")
+        await wait_until(all_held, what="every client holds a stream")
         spread = await cluster.streams()
         assert all(held >= everyone // REPLICAS // 2 for held in spread), f"round-robin spread: {spread}"
         rows = await db.fetch(
@@ -159,7 +160,7 @@ async def test_three_replicas_behind_nginx_deliver_each_row_once_through_a_kill_
         )
         for row in rows:
             ledger.record_sent(row["recipient"], row["seq"])
-        await wait_until(ledger.caught_up, within=15, what="every client got the SQL rows")
+        await wait_until(ledger.caught_up, what="every client got the SQL rows")
         assert ledger.assert_exact().received == USERS * ROWS_PER_USER * CLIENTS_PER_USER
 
         # 2. SIGKILL one replica while writers run: exactly its clients come back, through nginx, elsewhere.
@@ -177,7 +178,7 @@ async def test_three_replicas_behind_nginx_deliver_each_row_once_through_a_kill_
                 awake[:] = [] if slot is None else [slot]
                 return bool(awake)
 
-            await poll(announcing, within=15, what="a replica's announcer batches the writers' notifications")
+            await wait_until(announcing, what="a replica's announcer batches the writers' notifications")
             victim = awake[0]
         doomed = (await cluster.streams())[victim]
         before = [len(c.connections) for c in clients]
@@ -188,7 +189,7 @@ async def test_three_replicas_behind_nginx_deliver_each_row_once_through_a_kill_
             held = [int(await r.metric("pgpush_streams")) for r in survivors]
             return sum(held) == everyone and all(c.current for c in clients)
 
-        await poll(moved, within=15, what="the killed replica's clients are held by the survivors")
+        await wait_until(moved, what="the killed replica's clients are held by the survivors")
         cut = sum(len(c.connections) > n for c, n in zip(clients, before, strict=True))
         assert cut == doomed, f"{doomed} streams were on the killed replica, {cut} clients reconnected"
         await asyncio.sleep(0.5)  # live rows through two replicas
@@ -197,11 +198,11 @@ async def test_three_replicas_behind_nginx_deliver_each_row_once_through_a_kill_
         await cluster.restart(victim)
         for slot in range(REPLICAS):
             await cluster.restart(slot)
-            await poll(all_held, within=15, what=f"every client held again after restarting replica {slot}")
+            await wait_until(all_held, what=f"every client held again after restarting replica {slot}")
         await asyncio.sleep(0.5)
         stop_writers.set()
         written = sum(await asyncio.gather(*writers))
-        await wait_until(ledger.caught_up, within=20, what="every client caught up after the restarts")
+        await wait_until(ledger.caught_up, what="every client caught up after the restarts")
         await asyncio.sleep(0.3)  # a duplicate would arrive now
     finally:
         stop_writers.set()
