@@ -20,9 +20,10 @@ import pytest
 
 from tests.conftest import make_token
 from tests.faults.blackhole import BlackholeProxy
-from tests.faults.client import open_ledger_streams, poll, wait_until
+from tests.faults.client import open_ledger_streams
 from tests.faults.ledger import Ledger
 from tests.faults.writers import committed, write_until
+from tests.polling import wait_until
 from tests.serve_process import ServerProcess
 
 USERS = 10
@@ -71,7 +72,7 @@ async def test_a_silently_dead_listen_connection_is_replaced_and_nothing_is_lost
         users = [f"user{u}" for u in range(USERS)]
         ledger = Ledger()
         streams = await open_ledger_streams(server.port, users, STREAMS_PER_USER, ledger, make_token)
-        await poll(
+        await wait_until(
             lambda: _metric_is(server, "pgpush_streams", USERS * STREAMS_PER_USER), within=30, what="streams"
         )
         stop = asyncio.Event()
@@ -95,7 +96,7 @@ async def test_a_silently_dead_listen_connection_is_replaced_and_nothing_is_lost
             "the premise: these rows committed while the listener still held the dead connection"
         )
 
-        await poll(
+        await wait_until(
             lambda: _metric_is(server, "pgpush_listener_reconnects_total", 1),
             within=60,
             what="the listener reconnected",

@@ -21,9 +21,10 @@ import pytest
 from pgpush.migrate import migrate
 
 from tests.conftest import make_token, with_database
-from tests.faults.client import LightStream, wait_until
 from tests.hostile.conftest import watching
+from tests.polling import wait_until
 from tests.serve_process import HOST, ServerProcess
+from tests.sse_client import SSEStream
 
 # A jsonb value holding the byte 0xff, too big to ride in the notification (so the hub reads it).
 POISON = "jsonb_build_object('bad', convert_from('\\xff'::bytea, 'SQL_ASCII'), 'pad', repeat('p', 9000))"
@@ -62,7 +63,7 @@ async def serve(ascii_url: str) -> AsyncIterator[ServerProcess]:
 async def keep_reconnecting(port: int, user: str, stop: asyncio.Event, opened: list[int]) -> None:
     """A client of `user` that reconnects at once whenever its stream ends (the failure stays injected)."""
     while not stop.is_set():
-        stream = await LightStream.open(HOST, port, make_token(user))
+        stream = await SSEStream.open(HOST, port, make_token(user))
         opened.append(stream.status)
         done = asyncio.ensure_future(stop.wait())
         await asyncio.wait([done, asyncio.ensure_future(stream.closed.wait())], return_when="FIRST_COMPLETED")
@@ -81,9 +82,9 @@ async def test_a_row_postgres_cannot_send_stalls_only_its_recipient(
             baseline = [await bob.assert_served(within=10) for _ in range(5)]
             # 1. The live read: mallory's stream is open (her cursor was read cleanly); one statement writes
             # a row for 22 recipients, hers poisoned.
-            mallory = await LightStream.open(HOST, port, make_token("mallory"))
-            alice = await LightStream.open(HOST, port, make_token("alice"))
-            carol = await LightStream.open(HOST, port, make_token("carol"))
+            mallory = await SSEStream.open(HOST, port, make_token("mallory"))
+            alice = await SSEStream.open(HOST, port, make_token("alice"))
+            carol = await SSEStream.open(HOST, port, make_token("carol"))
             # A first row each, so their cursors are read (cleanly) before the poisoned statement.
             await db.execute(
                 "INSERT INTO messages (recipient, data) SELECT r, '1' FROM unnest($1::text[]) r ORDER BY r",
@@ -117,7 +118,7 @@ async def test_a_row_postgres_cannot_send_stalls_only_its_recipient(
                 "SELECT 'dave', to_jsonb(n) FROM generate_series(1, 3) n"
             )
             started = time.monotonic()
-            dave = await LightStream.open(HOST, port, make_token("dave"))
+            dave = await SSEStream.open(HOST, port, make_token("dave"))
             await wait_until(lambda: len(dave.seqs) == 3, within=10, what="dave's unread rows")
             newcomer = time.monotonic() - started
             stop.set()

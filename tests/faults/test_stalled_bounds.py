@@ -19,9 +19,10 @@ import asyncpg
 import pytest
 
 from tests.conftest import make_token
-from tests.faults.client import LightStream, poll, wait_until
 from tests.faults.ledger import Ledger
+from tests.polling import wait_until
 from tests.serve_process import HOST, ServerProcess
+from tests.sse_client import SSEStream
 
 MiB = 1024 * 1024
 BUFFER_BYTES = 256 * 1024
@@ -128,17 +129,17 @@ async def test_stalled_streams_stay_within_their_bound_and_are_cut_while_healthy
 ) -> None:
     ledger = Ledger()
     # Warm every code path once, so the baseline is the server's steady size.
-    warm = await LightStream.open(HOST, serve.port, make_token("warm"))
+    warm = await SSEStream.open(HOST, serve.port, make_token("warm"))
     await db.execute("INSERT INTO messages (recipient, data) VALUES ('warm', '1')")
     await wait_until(lambda: warm.seqs != [], within=10)
     await warm.close()
 
     stalled = [await StalledClient.open(serve.port, make_token("alice")) for _ in range(STALLED)]
-    healthy = await LightStream.open(
+    healthy = await SSEStream.open(
         HOST, serve.port, make_token("alice"), seqs=ledger.client("a", "alice").seqs
     )
-    bob = await LightStream.open(HOST, serve.port, make_token("bob"), seqs=ledger.client("b", "bob").seqs)
-    await poll(lambda: _streams(serve, STALLED + 2), within=10, what="every stream open")
+    bob = await SSEStream.open(HOST, serve.port, make_token("bob"), seqs=ledger.client("b", "bob").seqs)
+    await wait_until(lambda: _streams(serve, STALLED + 2), within=10, what="every stream open")
     baseline = serve.rss_bytes()
     peak = [baseline]
     stop = asyncio.Event()
@@ -172,7 +173,7 @@ async def test_stalled_streams_stay_within_their_bound_and_are_cut_while_healthy
     async def stalled_cut() -> bool:
         return await serve.metric("pgpush_streams_closed_total", reason="overflow") >= STALLED
 
-    await poll(stalled_cut, within=30, what="the stalled streams were cut")
+    await wait_until(stalled_cut, within=30, what="the stalled streams were cut")
     stop.set()
     await sampler
     handed = [await client.read_to_end() for client in stalled]
@@ -201,7 +202,7 @@ async def test_stalled_clients_resuming_from_a_cursor_hold_one_buffer_of_their_r
     """Clients that resume after a cut get their unread rows from the table in pages of one stream buffer,
     each sent before the next is read (0.3.0 read 500 rows a page: 32 MB of 64 KiB rows, held per stream)."""
     await rows_of_64_kib(db, "")  # 1,000 unread rows of 64 KiB for alice
-    warm = await LightStream.open(HOST, serve.port, make_token("warm"))
+    warm = await SSEStream.open(HOST, serve.port, make_token("warm"))
     await db.execute("INSERT INTO messages (recipient, data) VALUES ('warm', '1')")
     await wait_until(lambda: warm.seqs != [], within=10)
     await warm.close()
@@ -212,7 +213,7 @@ async def test_stalled_clients_resuming_from_a_cursor_hold_one_buffer_of_their_r
     stalled = [
         await StalledClient.open(serve.port, make_token("alice"), last_event_id=0) for _ in range(STALLED)
     ]
-    healthy = await LightStream.open(HOST, serve.port, make_token("alice"), last_event_id=0)
+    healthy = await SSEStream.open(HOST, serve.port, make_token("alice"), last_event_id=0)
     await wait_until(lambda: len(healthy.seqs) == 1_000, within=90, what="the healthy replay got every row")
     stop.set()
     await sampler

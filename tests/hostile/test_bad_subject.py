@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from tests.conftest import RunningServer, make_token
-from tests.faults.client import LightStream, wait_until
 from tests.hostile.conftest import Bystander, port_of
+from tests.polling import wait_until
+from tests.sse_client import SSEStream
 
 PUBLISHER = {"Authorization": f"Bearer {make_token('backend', scope='messages:publish')}"}
 # Names the recipient column cannot hold: not UTF-8, NUL, other control characters, too long, empty.
@@ -39,7 +40,7 @@ async def test_a_sub_the_table_refuses_gets_401_and_others_keep_being_served(
     assert await table_refuses(db, sub)
     token = make_token(sub)
     port = port_of(server)
-    stream = await LightStream.open("127.0.0.1", port, token)
+    stream = await SSEStream.open("127.0.0.1", port, token)
     assert stream.status == 401, stream.body[:200]
     assert stream.body.startswith(b'{"error":"invalid_token"')
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
@@ -56,8 +57,8 @@ async def test_a_sub_the_table_refuses_gets_401_and_others_keep_being_served(
     await db.execute(
         "INSERT INTO messages (recipient, data) SELECT 'carol', to_jsonb(n) FROM generate_series(1, 3) n"
     )
-    carol = await LightStream.open("127.0.0.1", port, make_token("carol"))
-    alice = await LightStream.open("127.0.0.1", port, make_token("alice"))
+    carol = await SSEStream.open("127.0.0.1", port, make_token("carol"))
+    alice = await SSEStream.open("127.0.0.1", port, make_token("alice"))
     await wait_until(lambda: len(carol.seqs) == 3, within=10, what="carol's unread rows")
     recipients = ["alice", "carol", *(f"user{n:02}" for n in range(20))]
     async with httpx.AsyncClient(base_url=server.url, timeout=10, headers=PUBLISHER) as client:
@@ -74,7 +75,7 @@ async def test_a_sub_the_table_accepts_is_a_user(
     server: RunningServer, db: asyncpg.Connection, sub: str
 ) -> None:
     assert not await table_refuses(db, sub)
-    stream = await LightStream.open("127.0.0.1", port_of(server), make_token(sub))
+    stream = await SSEStream.open("127.0.0.1", port_of(server), make_token(sub))
     assert stream.status == 200
     await db.execute("INSERT INTO messages (recipient, data) VALUES ($1, '1')", sub)
     await wait_until(lambda: len(stream.seqs) == 1, within=10, what="the user's row")

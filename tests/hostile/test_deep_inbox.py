@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from tests.conftest import RunningServer, make_token
-from tests.faults.client import LightStream, wait_until
 from tests.hostile.conftest import Bystander, port_of
+from tests.polling import wait_until
+from tests.sse_client import SSEStream
 
 PUBLISHER = {"Authorization": f"Bearer {make_token('backend', scope='messages:publish')}"}
 ALICE = {"Authorization": f"Bearer {make_token('alice')}"}
@@ -43,7 +44,7 @@ async def inbox_holds(client: httpx.AsyncClient, expected: list[str]) -> None:
 async def test_data_the_api_accepts_at_any_depth_is_served_by_the_inbox_and_the_stream(
     server: RunningServer, bystander: Bystander
 ) -> None:
-    stream = await LightStream.open("127.0.0.1", port_of(server), make_token("alice"), keep_events=True)
+    stream = await SSEStream.open("127.0.0.1", port_of(server), make_token("alice"), keep_events=True)
     accepted: list[str] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         for depth in (200, 254, 255, 400, 900):

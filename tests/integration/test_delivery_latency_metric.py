@@ -13,8 +13,9 @@ import asyncpg
 import pytest
 
 from tests.conftest import make_token
-from tests.faults.client import LightStream, poll, wait_until
+from tests.polling import wait_until
 from tests.serve_process import HOST, ServerProcess
+from tests.sse_client import SSEStream
 
 OBSERVED = "pgpush_delivery_latency_seconds_count"
 
@@ -36,10 +37,10 @@ async def test_replayed_rows_are_not_observed_live_rows_are(
         "INSERT INTO messages (recipient, event, data, created_at) "
         "SELECT 'alice', 'old', to_jsonb(n), now() - interval '1 hour' FROM generate_series(1, 3) AS n"
     )
-    stream = await LightStream.open(HOST, serve.port, make_token("alice"), last_event_id=0)
+    stream = await SSEStream.open(HOST, serve.port, make_token("alice"), last_event_id=0)
     try:
         await wait_until(lambda: len(stream.seqs) == 3, within=10, what="the replay")
-        await poll(
+        await wait_until(
             lambda: _at_least(serve, "pgpush_events_delivered_total", 3), within=10, what="delivered counted"
         )
         assert await serve.metric(OBSERVED) == 0
@@ -47,7 +48,7 @@ async def test_replayed_rows_are_not_observed_live_rows_are(
 
         await db.execute("INSERT INTO messages (recipient, event, data) VALUES ('alice', 'new', '1')")
         await wait_until(lambda: len(stream.seqs) == 4, within=10, what="the live row")
-        await poll(lambda: _at_least(serve, OBSERVED, 1), within=10, what="the live row observed")
+        await wait_until(lambda: _at_least(serve, OBSERVED, 1), within=10, what="the live row observed")
         assert await serve.metric(OBSERVED) == 1
         # The live row was just written: it is well inside the last bucket, unlike the replayed ones.
         assert await serve.metric("pgpush_delivery_latency_seconds_bucket", le="60.0") == 1

@@ -29,7 +29,7 @@ from pgpush.embedded import EmbeddedPostgres
 from pgpush.migrate import migrate
 
 from tests.conftest import RunningServer, make_token, settings_for, with_database
-from tests.faults.client import poll
+from tests.polling import wait_until
 from tests.serve_process import HOST, ServerProcess, free_port
 from tests.sse_client import open_stream
 
@@ -123,7 +123,7 @@ server_round_robin = 1
             await conn.close()
             return True
 
-        await poll(answers, within=20, what="pgbouncer accepts connections")
+        await wait_until(answers, within=20, what="pgbouncer accepts connections")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -268,7 +268,7 @@ async def test_listen_through_pgbouncer_noticed_after_an_outage_at_startup_shows
         async def listener_gave_up() -> bool:
             return bool((await client.get("/readyz")).json()["listener"] == "misconfigured")
 
-        await poll(listener_gave_up, within=60, what="the listener found the pooler")
+        await wait_until(listener_gave_up, within=60, what="the listener found the pooler")
         plain = await client.get("/readyz")
         assert plain.status_code == 200, plain.text
         assert plain.json() == {"status": "degraded", "database": "up", "listener": "misconfigured"}

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import Roles, _admin, as_role
-from tests.faults.client import poll
+from tests.polling import wait_until
 from tests.serve_process import ServerProcess
 
 # Notifications on the private channel arrive within milliseconds; the safety net is pushed far out so a
@@ -54,7 +54,7 @@ async def service(database_url: str, roles: Roles) -> AsyncIterator[ServerProces
         async def listening() -> bool:
             return await process.metric("pgpush_listener_connected") == 1
 
-        await poll(listening, within=30, what="the listener is connected")
+        await wait_until(listening, within=30, what="the listener is connected")
         yield process
     finally:
         await process.stop()

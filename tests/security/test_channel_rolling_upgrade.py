@@ -24,7 +24,7 @@ from alembic import command
 from pgpush.migrate import alembic_config, migrate
 
 from tests.conftest import JWT_SECRET, Roles, _admin, make_token, with_database
-from tests.faults.client import poll, wait_until
+from tests.polling import wait_until
 from tests.serve_process import ServerProcess, free_port
 from tests.sse_client import SSEStream, open_stream
 
@@ -82,7 +82,7 @@ class OldReplica:
             except httpx.TransportError:
                 return False
 
-        await poll(answers, within=60, what="the 0.3.0 replica is ready")
+        await wait_until(answers, within=60, what="the 0.3.0 replica is ready")
 
     def stop(self) -> None:
         self.process.terminate()
