@@ -21,7 +21,7 @@ from bench.system import CLIENT_CPU, pin_pid
 BENCH_DB = "pgpush_bench"
 STAMP = "jsonb_build_object('t', extract(epoch FROM clock_timestamp()) * 1000)"
 ONE_ROW = f"INSERT INTO messages (recipient, event, data) VALUES ($1, 'bench', {STAMP})"
-# One row for each recipient, in recipient order so concurrent statements cannot deadlock (DESIGN §1).
+# One row for each recipient, in recipient order so concurrent statements cannot deadlock (protocol §1).
 FAN_OUT = f"""
 INSERT INTO messages (recipient, event, data)
 SELECT r, 'bench', {STAMP} FROM unnest($1::text[]) AS r ORDER BY r

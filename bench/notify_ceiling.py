@@ -82,7 +82,7 @@ NOTIFY_CALL = "PERFORM pg_notify("
 BATCHED = "messages, announcer awake"
 TABLES = ("messages_plain", "messages_quiet", "messages", BATCHED)
 SINGLE = "INSERT INTO {table} (recipient, event, data) VALUES ($1, 'bench', $2::jsonb)"
-# Recipients in order, as DESIGN §1 asks of multi-row writers (concurrent statements cannot deadlock).
+# Recipients in order, as protocol §1 asks of multi-row writers (concurrent statements cannot deadlock).
 MULTI = (
     "INSERT INTO {table} (recipient, event, data) "
     "SELECT r, 'bench', $2::jsonb FROM unnest($1::text[]) AS r ORDER BY r"

@@ -1,4 +1,4 @@
-"""JWT verification and stream tickets: which credentials open a stream or publish (DESIGN §3, §4).
+"""JWT verification and stream tickets: which credentials open a stream or publish (docs/protocol.md §3, §4).
 
 No web framework here. `TokenVerifier(settings)` is the app's whole auth configuration: it verifies
 subscriber tokens, its `publishers` attribute verifies publisher tokens (another issuer or key when
@@ -358,7 +358,7 @@ def derive_ticket_key(secret: str) -> bytes:
 
 
 class TicketSigner:
-    """Short-lived stream tickets (DESIGN §3): stateless, so any replica sharing the secret accepts them.
+    """Short-lived stream tickets (protocol §3): stateless, so any replica sharing the secret accepts them.
 
     A ticket is a JWT signed with a key derived from the secret, with its own `aud` and `typ` that only
     the stream accepts. Its `exp` is at most the ticket TTL away and never past the token it was issued

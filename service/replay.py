@@ -51,7 +51,7 @@ async def fill_stream(
     backoff_max: float = 2.0,
     on_replayed: Callable[[int], None] | None = None,
 ) -> None:
-    """Replay what the client has not seen (DESIGN §3's table), then switch the stream to live rows."""
+    """Replay what the client has not seen (protocol §3's table), then switch the stream to live rows."""
     start = await hub.start_point(stream)
     snapshot = start.seq
     recipient = stream.recipient

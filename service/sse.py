@@ -1,4 +1,4 @@
-"""The SSE wire format: frames pgpush writes and the cursor it reads (WHATWG HTML §9.2, DESIGN §3)."""
+"""The SSE wire format: frames pgpush writes and the cursor it reads (WHATWG HTML §9.2, protocol §3)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def compact_json(jsonb_text: str) -> bytes:
 
 
 def message_frame(seq: int, event: str, data: bytes) -> bytes:
-    """A row as an SSE event. `event` is safe: the table's CHECK admits no CR or LF (DESIGN §1)."""
+    """A row as an SSE event. `event` is safe: the table's CHECK admits no CR or LF (docs/protocol.md §1)."""
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, event.encode(), data)
 
 

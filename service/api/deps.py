@@ -15,7 +15,7 @@ TOKEN_COOKIE = "pgpush_token"
 CredentialSource = Literal["header", "cookie", "ticket", "access_token"]
 
 # Declared for the OpenAPI security schemes only (auto_error=False): the functions below read and check
-# the credentials themselves, in DESIGN §3's order and with its exact 401 answers.
+# the credentials themselves, in docs/protocol.md §3's order and with its exact 401 answers.
 BEARER_SCHEME = HTTPBearer(
     scheme_name="bearer", auto_error=False, bearerFormat="JWT", description="A JWT whose `sub` is the user"
 )
@@ -69,7 +69,7 @@ def bearer_token(request: Request) -> str | None:
 
 
 def stream_credential(request: Request) -> tuple[CredentialSource, str] | None:
-    """DESIGN §3's order, first found wins: header, cookie, `ticket`, `access_token`.
+    """docs/protocol.md §3's order, first found wins: header, cookie, `ticket`, `access_token`.
 
     A browser EventSource cannot set headers, hence the query forms; a ticket is checked as a ticket
     only, and every other form as an API token only.

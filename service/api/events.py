@@ -1,4 +1,4 @@
-"""GET /events: the SSE stream of one user (DESIGN §3)."""
+"""GET /events: the SSE stream of one user (docs/protocol.md §3)."""
 
 from __future__ import annotations
 

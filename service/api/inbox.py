@@ -1,4 +1,4 @@
-"""The user's inbox over REST: GET /me/messages (keyset pages) and POST /me/messages/read (DESIGN §4).
+"""The user's inbox over REST: GET /me/messages (keyset pages) and POST /me/messages/read (protocol §4).
 
 Pages are cut by `seq`, never by OFFSET: a page starts strictly after (or before) the last seq the previous
 one returned, so rows written or marked read while a client pages can never make it skip or repeat a row.

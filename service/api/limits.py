@@ -8,7 +8,7 @@ without a verifying one are read at a time: 200 anonymous clients each sending 1
 200 MiB; the others are answered 503 before their body is read.
 
 FastAPI's own `max_body_size` answers in plain text when a route does not read its body, so it cannot give
-every client DESIGN §4's JSON error; this middleware always does.
+every client docs/protocol.md §4's JSON error; this middleware always does.
 """
 
 from __future__ import annotations

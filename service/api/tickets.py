@@ -1,4 +1,4 @@
-"""POST /events/ticket: a short-lived credential a browser puts in the stream URL (DESIGN §3).
+"""POST /events/ticket: a short-lived credential a browser puts in the stream URL (docs/protocol.md §3).
 
 Long-lived tokens in URLs end up in proxy logs; a ticket is only good for opening GET /events for
 PGPUSH_TICKET_TTL_SECONDS (60), so EventSource's quick reconnects reuse it and a later client asks again.

@@ -44,7 +44,7 @@ IMAGE = "ghcr.io/example/pgpush"
 # Oldest Kubernetes the manifests support, and the newest whose schemas kubernetes-validate==1.37.0 ships.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 
-# Facts of the service (DESIGN.md §3, §5, and the service's shutdown): after SIGTERM every stream gets its
+# Facts of the service (protocol §3, §5, and the service's shutdown): after SIGTERM every stream gets its
 # jittered retry and is closed, which takes up to ~10 s.
 STREAM_DRAIN_SECONDS = 10
 UID = 10001
@@ -56,7 +56,7 @@ CHECKOV_SKIPS = {
     # with `kustomize edit set image ghcr.io/example/pgpush=ghcr.io/example/pgpush:X.Y.Z@sha256:…`
     # (deploy/README.md). A digest committed here would be a made-up value.
     "CKV_K8S_43": "image referenced by tag, digest pinned by the release pipeline",
-    # pgpush reads its settings only from environment variables (pydantic-settings, DESIGN.md §5), so the
+    # pgpush reads its settings only from environment variables (pydantic-settings, protocol §5), so the
     # Secret's keys must reach it as env vars; they are never written in the manifests (secretKeyRef only).
     "CKV_K8S_35": "the service's contract is environment variables; values come from secretKeyRef",
     # Kubernetes probes /healthz and /readyz; a Docker HEALTHCHECK is ignored by Kubernetes and would only add

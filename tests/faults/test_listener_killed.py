@@ -1,6 +1,6 @@
 """The LISTEN connection killed ten times under continuous writes: every row arrives once, in order.
 
-DESIGN §2.2-3: notifications are hints, and after every reconnect each live stream re-reads from its cursor.
+protocol §2.2-3: notifications are hints, and after every reconnect each live stream re-reads from its cursor.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SIGTERM under heavy streaming, then a restart on the same port (DESIGN §3 "the server shuts down").
+"""SIGTERM under heavy streaming, then a restart on the same port (protocol §3 "the server shuts down").
 
 Every stream gets its own jittered `retry:` and is closed within the drain timeout, the process exits 0,
 and the clients, honouring their retry, resume from their Last-Event-ID with nothing lost or duplicated.

@@ -1,4 +1,4 @@
-"""A client that stops reading while 50,000 rows arrive for it (DESIGN §2.4): the server's memory stays
+"""A client that stops reading while 50,000 rows arrive for it (protocol §2.4): the server's memory stays
 bounded because the stream is cut, and on reconnect with its Last-Event-ID the client gets every row."""
 
 from __future__ import annotations

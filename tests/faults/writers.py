@@ -16,7 +16,7 @@ from pgpush.db import UNAVAILABLE_ERRORS
 
 from tests.faults.ledger import Ledger
 
-# Several recipients in one statement, in recipient order as DESIGN §1 asks of multi-row writers.
+# Several recipients in one statement, in recipient order as docs/protocol.md §1 asks of multi-row writers.
 INSERT_KEYED = """
 INSERT INTO messages (recipient, event, data, key)
 SELECT r, 'fault', $2::jsonb, $3 FROM unnest($1::text[]) AS r ORDER BY r

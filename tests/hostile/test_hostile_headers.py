@@ -1,7 +1,7 @@
 """Oversized, malformed and non-ASCII request headers get a clear 4xx while bob's stream keeps flowing.
 
 (Garbage, expired, alg-none and other refused JWTs are in tests/integration/test_auth_api.py; the common bad
-Last-Event-ID values in tests/integration/test_stream_replay.py. These are the rest of DESIGN §3's hostile
+Last-Event-ID values in tests/integration/test_stream_replay.py. These are the rest of protocol §3's hostile
 inputs, sent as raw bytes so nothing on the client side cleans them up first.)
 """
 

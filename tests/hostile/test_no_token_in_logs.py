@@ -1,4 +1,4 @@
-"""No log line ever contains a token or a ticket (DESIGN §3), wherever the credential was sent and whatever
+"""No log line ever contains a token or a ticket (protocol §3), wherever the credential was sent and whatever
 the answer was: a real `pgpush serve` logging at debug level, its stderr captured whole."""
 
 from __future__ import annotations

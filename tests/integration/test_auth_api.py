@@ -1,4 +1,4 @@
-"""Who may open GET /events or publish, against a real server (DESIGN §3, §4): every 401, every key type,
+"""Who may open GET /events or publish, against a real server (protocol §3, §4): every 401, every key type,
 a JWKS rotated under a running server, and publishers verified apart from subscribers."""
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-# --- the 401s of DESIGN §3 ----------------------------------------------------------------------------
+# --- the 401s of protocol §3 --------------------------------------------------------------------------------
 
 
 async def test_every_refused_credential_gets_its_401_challenge_and_a_json_body(

@@ -1,4 +1,4 @@
-"""Heartbeats, pause, token expiry and stream caps (DESIGN §3)."""
+"""Heartbeats, pause, token expiry and stream caps (docs/protocol.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reconnecting clients get exactly the unread rows they missed (DESIGN §3, the cursor table)."""
+"""Reconnecting clients get exactly the unread rows they missed (docs/protocol.md §3, the cursor table)."""
 
 from __future__ import annotations
 

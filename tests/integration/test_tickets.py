@@ -1,4 +1,4 @@
-"""Stream tickets (DESIGN §3): POST /events/ticket, then GET /events?ticket=… on any replica, for the stream
+"""Stream tickets (protocol §3): POST /events/ticket, then GET /events?ticket=… on any replica, for the stream
 only, for a short time that cannot be stretched."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Three `pgpush serve` replicas on one database behind nginx, no sticky sessions (DESIGN §7).
+"""Three `pgpush serve` replicas on one database behind nginx, no sticky sessions (docs/protocol.md §7).
 
 300 EventSource-like clients connect through nginx, which spreads them round-robin over the replicas. Rows
 written with plain SQL reach each client exactly once whichever replica holds it; a replica killed with

@@ -29,7 +29,7 @@ from pgpush.sse import (
 
 from tests.sse_parser import Event, EventStreamParser
 
-EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # DESIGN §1's CHECK on messages.event
+EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # docs/protocol.md §1's CHECK on messages.event
 # Characters that break naive encoders: line ends, NUL, separators, BOM, NEL, SSE field syntax, JSON syntax.
 TRICKY = ["\n", "\r", "\r\n", "\x00", "\u2028", "\u2029", "\ufeff", "\x85", ":", " ", '"', "\\", "\\n", "\t"]
 TRICKY += ["data: x", "\n\nid: 666\n\n", "event: evil", "retry: 1", "é", "✓", "😀", "\U0010ffff"]
