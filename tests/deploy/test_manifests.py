@@ -556,9 +556,8 @@ def test_rollout_renders_the_overlay_and_stops_at_the_cluster_before_anything_el
     would say so) and fails only on reaching the API server; set -e stops the script there."""
     proc = run_rollout(str(DEPLOY / "overlays" / overlay), tmp_path=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert proc.stdout.splitlines() == [
-        f"==> [{render(overlay)[0]['metadata']['namespace']}] supporting objects"
-    ]
+    namespace = next(r["metadata"]["namespace"] for r in render(overlay) if "namespace" in r["metadata"])
+    assert proc.stdout.splitlines() == [f"==> [{namespace}] supporting objects"]
     port = re.search(r"127\.0\.0\.1:(\d+)", proc.stderr)
     assert port is not None and "connection refused" in proc.stderr, proc.stderr
 
