@@ -296,26 +296,31 @@ RECORDING_CLIENT = """async ([token]) => {
 
 
 class RowFlow:
-    """Rows written for alice one after another, in the background, until stopped."""
+    """Rows written for alice one after another, in the background, until stopped.
+
+    Stopping lets the write under way finish: a cancelled INSERT may have committed without being counted.
+    """
 
     def __init__(self, db: asyncpg.Connection) -> None:
         self.db = db
         self.seqs: list[int] = []
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def _write(self) -> None:
-        while True:
+        while not self._stop.is_set():
             self.seqs.append(await insert(self.db, "lead", f'{{"n": {len(self.seqs)}}}'))
-            await asyncio.sleep(0.02)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=0.02)
 
     def start(self) -> None:
+        self._stop.clear()
         self._task = asyncio.create_task(self._write())
 
     async def stop(self) -> None:
         assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._stop.set()
+        await self._task
 
 
 async def test_closing_the_holder_ten_times_with_rows_flowing_loses_and_repeats_nothing(
