@@ -42,8 +42,9 @@
  * that exact name, and there is no wildcard; events named `message` (the table's default) arrive always.
  * So an event of a type nobody listens for is silently skipped by the browser. List the types your app
  * uses in `types`, and call `listen(type)` for types learned later (e.g. from the REST inbox); the types
- * any tab listens for are shared with the tab that holds the stream. `pause`, `reset` and
- * `token_expired` are pgpush's own control events; do not use them as message types.
+ * any tab listens for are shared with the tab that holds the stream. `pause`, `reset`, `token_expired`
+ * and names starting with `pgpush` are pgpush's own control events: never delivered as rows, and obeyed
+ * only without an `id:` of their own (as pgpush sends them). Waits are capped at 15 minutes.
  *
  * Statuses passed to onStatus: {state: "connecting" | "live" | "reconnecting" | "paused" | "down" |
  * "expired" | "unauthorized" | "closed", leader: whether this tab holds the stream, reconnectAt: epoch ms
@@ -52,6 +53,18 @@
 
 const CONTROL_EVENTS = ["pause", "reset", "token_expired"];
 const BACKOFF_MS = [1000, 2000, 5000, 10000, 30000];
+// The longest the client waits before reconnecting, whatever a pause or Retry-After says: setTimeout fires
+// at once for delays past 2^31 - 1 ms, and a user should never be left days without a stream.
+const MAX_DELAY_MS = 15 * 60 * 1000;
+
+/** pgpush's own event names: the three above and any future one starting with `pgpush`. */
+function isControl(type) {
+  return CONTROL_EVENTS.includes(type) || type.startsWith("pgpush");
+}
+
+function clampDelay(ms) {
+  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), MAX_DELAY_MS) : MAX_DELAY_MS;
+}
 
 /**
  * Open (or join) the browser's shared pgpush stream.
@@ -80,7 +93,7 @@ export function openStream(options = {}) {
     channelName: "pgpush-stream",
     ...options,
   };
-  const types = new Set(["message", ...opts.types]);
+  const types = new Set(["message", ...opts.types.map(String).filter((type) => !isControl(type))]);
   const canShare = opts.shared && typeof BroadcastChannel === "function" && globalThis.navigator?.locks;
   const channel = canShare ? new BroadcastChannel(opts.channelName) : null;
 
@@ -93,6 +106,7 @@ export function openStream(options = {}) {
   let failures = 0;
   let releaseLock = null;
   let generation = 0; // bumped by every (re)connect and stop: a slower, older attempt then gives up
+  let sourceLastId = ""; // the id of the last row the current EventSource dispatched to this client
   const lockRequest = new AbortController();
   const listeners = new Map(); // type -> listener registered on the current EventSource
 
@@ -118,7 +132,7 @@ export function openStream(options = {}) {
   }
 
   /** The payload of a control event (pause, reset) as an object; a reset also forgets the cursor. */
-  function control(type, rawData) {
+  function controlData(type, rawData) {
     let data = null;
     try {
       data = JSON.parse(rawData);
@@ -157,6 +171,7 @@ export function openStream(options = {}) {
     if (!source || listeners.has(type)) return;
     const onRow = (event) => {
       failures = 0;
+      sourceLastId = event.lastEventId;
       if (deliver(event.type, event.lastEventId, event.data) && channel) {
         channel.postMessage({ kind: "event", type: event.type, id: event.lastEventId, data: event.data });
       }
@@ -180,6 +195,17 @@ export function openStream(options = {}) {
     if (closed || !leader || attempt !== generation) return;
     const es = new EventSource(url, { withCredentials: opts.withCredentials });
     source = es;
+    sourceLastId = "";
+    /**
+     * pgpush sends its control events without an `id:`, so one carries the id of the row before it. A
+     * control name with an id of its own is a row that should never have been written (or a forged one):
+     * it is ignored, never obeyed. (A row of a type nobody listens for also moves the id, so a real pause
+     * right after one is ignored too; the server then closes the stream and EventSource comes back by
+     * itself after the pause's `retry:`.)
+     */
+    const control = (handler) => (event) => {
+      if (source === es && event.lastEventId === sourceLastId) handler(event);
+    };
     es.onopen = () => setStatus({ state: "live" });
     es.onerror = () => {
       if (source !== es) return;
@@ -188,21 +214,30 @@ export function openStream(options = {}) {
       else diagnose(); // CLOSED: the server answered with an error status; EventSource gave up.
     };
     for (const type of types) addListener(type);
-    es.addEventListener("pause", (event) => {
-      const { reconnect_at: at } = control("pause", event.data);
-      stopSource();
-      const reconnectAt = Number.isFinite(at) ? at : Date.now() + 60000;
-      setStatus({ state: "paused", reconnectAt });
-      timer = setTimeout(connect, Math.max(0, reconnectAt - Date.now()));
-    });
-    es.addEventListener("token_expired", () => {
-      stopSource();
-      setStatus({ state: "expired" });
-    });
-    es.addEventListener("reset", (event) => {
-      control("reset", event.data);
-      if (channel) channel.postMessage({ kind: "reset", data: event.data });
-    });
+    es.addEventListener(
+      "pause",
+      control((event) => {
+        const { reconnect_at: at } = controlData("pause", event.data);
+        stopSource();
+        const delay = clampDelay(Number.isFinite(at) ? at - Date.now() : 60000);
+        setStatus({ state: "paused", reconnectAt: Date.now() + delay });
+        timer = setTimeout(connect, delay);
+      }),
+    );
+    es.addEventListener(
+      "token_expired",
+      control(() => {
+        stopSource();
+        setStatus({ state: "expired" });
+      }),
+    );
+    es.addEventListener(
+      "reset",
+      control((event) => {
+        controlData("reset", event.data);
+        if (channel) channel.postMessage({ kind: "reset", data: event.data });
+      }),
+    );
   }
 
   /** EventSource hides the status code; one plain request tells a rejected token from a passing outage. */
@@ -241,7 +276,7 @@ export function openStream(options = {}) {
     const retryAfter = Number(response?.headers.get("retry-after"));
     const backoff = BACKOFF_MS[Math.min(failures, BACKOFF_MS.length - 1)];
     failures += 1;
-    const delay = Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter * 1000 : backoff;
+    const delay = clampDelay(Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter * 1000 : backoff);
     const reconnectAt = Date.now() + delay;
     setStatus({ state: "down", reconnectAt, reason });
     timer = setTimeout(connect, delay);
@@ -271,7 +306,7 @@ export function openStream(options = {}) {
         status = msg.status;
         opts.onStatus({ ...msg.status, leader: false, lastEventId });
       } else if (msg.kind === "reset" && !leader) {
-        control("reset", msg.data);
+        controlData("reset", msg.data);
       } else if (msg.kind === "hello") {
         for (const type of msg.types ?? []) listen(type, false);
         if (leader) setStatus(status); // tell the newcomer where the stream stands
@@ -291,7 +326,7 @@ export function openStream(options = {}) {
   }
 
   function listen(type, announce = true) {
-    if (CONTROL_EVENTS.includes(type) || types.has(type)) return;
+    if (isControl(type) || types.has(type)) return;
     types.add(type);
     addListener(type);
     if (announce && channel) channel.postMessage({ kind: "listen", types: [type] });
