@@ -4,15 +4,13 @@
  * (POST /me/messages/read). The token comes once in `/#token=…` (a URL fragment never reaches a server or
  * its logs) and is exchanged at POST /session for an HttpOnly `pgpush_token` cookie that no script reads.
  *
- * Event types: EventSource only delivers named events somebody listens for. The page listens for
- * `message`, the types in DEFAULT_TYPES and `?types=a,b`, and every type it meets in the REST inbox; it
- * re-reads the inbox after each reconnect and when the tab becomes visible, so a message of a type not yet
- * known still shows up then (and its type is listened for from then on).
+ * Every row is shown, whatever its event type (the client delivers all of them; the page renders each the
+ * same way: its type, seq, time and JSON). "Mark all read" marks only what is on screen: `through` the
+ * highest seq shown when every unread row is loaded, else the shown rows by seq.
  */
 
 import { openStream } from "./pgpush-client.js";
 
-const DEFAULT_TYPES = ["lead", "notice", "alert", "task", "comment"];
 const PAGE_SIZE = 100;
 
 const $ = (id) => document.getElementById(id);
@@ -107,7 +105,6 @@ async function loadInbox({ replace = false, cursor = null } = {}) {
       }
     }
     for (const m of page.messages) {
-      stream?.listen(m.event);
       const row = { seq: String(m.seq), event: m.event, data: m.data, createdAt: m.created_at, readAt: m.read_at };
       addRow(row, { fromRest: true });
     }
@@ -140,9 +137,20 @@ async function markAllRead() {
   if (through === null) return;
   $("mark-all").disabled = true;
   try {
-    await api("/me/messages/read", `{"through":${through}}`);
-    setReadThrough(through);
-    inboxChannel?.postMessage({ through });
+    if (nextCursor === null) {
+      // Every unread row up to `through` is on screen: one statement marks them all.
+      await api("/me/messages/read", `{"through":${through}}`);
+      setReadThrough(through);
+      inboxChannel?.postMessage({ through });
+    } else {
+      // Older unread rows were never loaded: marking `through` would mark them unseen. Only what is shown.
+      const seqs = [...rows.values()].filter((row) => !row.readAt).map((row) => row.seq);
+      if (seqs.length > 0) {
+        await api("/me/messages/read", `{"seqs":[${seqs.join(",")}]}`);
+        setRead(seqs);
+        inboxChannel?.postMessage({ read: seqs });
+      }
+    }
   } catch (error) {
     showNotice(`Could not mark all as read: ${error.message}`, "error");
   }
@@ -288,7 +296,7 @@ function showStatus(status) {
     showNotice(null);
   }
   if (status.state === "live") {
-    // After a gap (reconnect, hand-over) re-read the inbox: it also brings events of types not yet known.
+    // After a gap (reconnect, hand-over) re-read the inbox: it covers more than the stream's replay limit.
     if (everLive) loadInbox();
     everLive = true;
   }
@@ -323,9 +331,7 @@ async function start() {
   });
 
   let signedInNow = Boolean(fragmentToken);
-  const extraTypes = (new URLSearchParams(location.search).get("types") ?? "").split(",").filter(Boolean);
   stream = openStream({
-    types: [...DEFAULT_TYPES, ...extraTypes],
     onEvent: (event) => {
       addRow(
         { seq: event.id, event: event.type, data: event.data, createdAt: new Date().toISOString(), readAt: null },

@@ -297,7 +297,6 @@ RECORDING_CLIENT = """async ([token]) => {
   };
   openStream({
     ticket,
-    types: ["lead"],
     onEvent: (e) => window.received.push(Number(e.id)),
     onStatus: (s) => { window.holds = s.leader; },
   });
@@ -376,7 +375,6 @@ TICKET_CLIENT = """async ([token]) => {
   openStream({
     ticket,
     shared: false,
-    types: ["lead"],
     onEvent: (e) => {
       window.received.push([e.id, e.type, e.data]);
       document.body.dataset.received = String(window.received.length);
@@ -447,3 +445,42 @@ async def test_screenshot_of_the_inbox_shows_the_whole_page_as_laid_out(
     assert len(boxes) == 4 and all(a[1] <= b[0] for a, b in itertools.pairwise(boxes)), (
         "rows stacked, no overlap"
     )
+
+
+async def test_every_row_shows_whatever_its_type_and_mark_all_read_marks_only_what_is_on_screen(
+    start_server: ServerFactory, db: asyncpg.Connection, context: BrowserContext
+) -> None:
+    # More unread rows than the stream replays (it sends `reset` instead) and than the page loads at once
+    # (100): the oldest five are never on screen.
+    server = await start_server(replay_limit=50)
+    await db.execute(
+        "INSERT INTO messages (recipient, event, data) "
+        "SELECT 'alice', 'backlog', jsonb_build_object('n', n) FROM generate_series(1, 105) AS n"
+    )
+    unseen = [r["seq"] for r in await db.fetch("SELECT seq FROM messages ORDER BY seq LIMIT 5")]
+    page = await open_inbox(context, server, make_token("alice"))
+    await expect(page.locator("li.message")).to_have_count(100)
+    await expect(page.locator("#more")).to_be_visible()
+
+    # Types no list names: the README's own `publish --follow … --event log`, a chat, then a lead.
+    live = [await insert(db, event, '{"text": "hi"}') for event in ("chat", "log", "lead")]
+    for seq, event in zip(live, ("chat", "log", "lead"), strict=True):
+        await expect(page.locator(f'li.message[data-seq="{seq}"] .event')).to_have_text(event)
+    await expect(page.locator("#badge")).to_have_text("103+")
+
+    await page.locator("#mark-all").click()
+    await expect(page.locator("li.message.unread")).to_have_count(0)
+    unread = [r["seq"] for r in await db.fetch("SELECT seq FROM messages WHERE read_at IS NULL ORDER BY seq")]
+    assert unread == unseen, "only what the page showed is marked read"
+
+    # With every unread row on screen, one `through` marks them, and nothing newer than the screen.
+    await page.locator("#more").click()
+    for seq in unseen:
+        await expect(page.locator(f'li.message[data-seq="{seq}"]')).to_be_visible()
+    await expect(page.locator("#more")).to_be_hidden()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.post_data or "") if r.url.endswith("/read") else None)
+    await page.locator("#mark-all").click()
+    await expect(page.locator("#badge")).to_have_text("0")
+    assert requests == [f'{{"through":{live[-1]}}}']
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE read_at IS NULL") == 0
