@@ -108,6 +108,8 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         summary="Postgres-backed per-user notifications over Server-Sent Events",
         lifespan=lifespan,
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     serve_page: bool = True
+    # Swagger UI at /docs loads its script from a CDN onto this origin: off unless asked for.
+    api_docs: bool = False
     log_level: str = "info"
 
     # Listener health: a NOTIFY round trip every probe interval; a full catch-up read every safety interval.

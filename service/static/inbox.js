@@ -1,18 +1,16 @@
 /**
  * The pgpush demo inbox (GET /): unread messages from the REST inbox (GET /me/messages?unread=true),
  * live ones from the browser's shared event stream (pgpush-client.js), mark one or all read
- * (POST /me/messages/read). The token is the `pgpush_token` cookie, taken once from `/#token=…`: a URL
- * fragment never reaches the server or its logs.
+ * (POST /me/messages/read). The token comes once in `/#token=…` (a URL fragment never reaches a server or
+ * its logs) and is exchanged at POST /session for an HttpOnly `pgpush_token` cookie that no script reads.
  *
- * Event types: EventSource only delivers named events somebody listens for. The page listens for
- * `message`, the types in DEFAULT_TYPES and `?types=a,b`, and every type it meets in the REST inbox; it
- * re-reads the inbox after each reconnect and when the tab becomes visible, so a message of a type not yet
- * known still shows up then (and its type is listened for from then on).
+ * Every row is shown, whatever its event type (the client delivers all of them; the page renders each the
+ * same way: its type, seq, time and JSON). "Mark all read" marks only what is on screen: `through` the
+ * highest seq shown when every unread row is loaded, else the shown rows by seq.
  */
 
 import { openStream } from "./pgpush-client.js";
 
-const DEFAULT_TYPES = ["lead", "notice", "alert", "task", "comment"];
 const PAGE_SIZE = 100;
 
 const $ = (id) => document.getElementById(id);
@@ -22,24 +20,16 @@ let nextCursor = null;
 let stream = null;
 let everLive = false;
 
-// ---- the token ---------------------------------------------------------------------------------------
+// ---- the session ---------------------------------------------------------------------------------------
 
-/** Move `#token=…` into the cookie the REST calls and the stream send, then drop it from the address bar. */
+/** `#token=…` from the address bar, removed from it (and the history) at once. */
 function takeTokenFromFragment() {
   const token = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (!token) return false;
-  const secure = location.protocol === "https:" ? "; Secure" : "";
-  document.cookie = `pgpush_token=${encodeURIComponent(token)}; path=/; SameSite=Strict${secure}`;
-  history.replaceState(null, "", location.pathname + location.search);
-  return true;
+  if (token) history.replaceState(null, "", location.pathname + location.search);
+  return token;
 }
 
-function readToken() {
-  const pair = document.cookie.split("; ").find((part) => part.startsWith("pgpush_token="));
-  return pair ? decodeURIComponent(pair.slice("pgpush_token=".length)) : null;
-}
-
-/** The token's claims, for display only: the server verifies the signature, the page never needs to. */
+/** The token's claims, for the switch-user question only: the server verifies the signature. */
 function claims(token) {
   try {
     const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
@@ -47,6 +37,32 @@ function claims(token) {
     return JSON.parse(new TextDecoder().decode(bytes));
   } catch {
     return {};
+  }
+}
+
+/**
+ * Sign in: hand a fragment token to POST /session, which sets an HttpOnly cookie (no script here can read
+ * the token afterwards), or keep the session the cookie already holds. A link carrying someone else's token
+ * (e.g. one an attacker sent, to have this browser show and mark the attacker's inbox) asks first.
+ * Returns the session ({sub, expires_at}), or null with the reason shown.
+ */
+async function signIn(token) {
+  const current = await api("/session").catch(() => null);
+  if (!token) return current;
+  const next = String(claims(token).sub ?? "an unknown user");
+  if (current && current.sub !== next) {
+    const question = `This browser is signed in as "${current.sub}". Switch to "${next}"?`;
+    if (!window.confirm(question)) return current;
+  }
+  try {
+    const session = await api("/session", undefined, { Authorization: `Bearer ${token}` });
+    if (current && current.sub !== session.sub) inboxChannel?.postMessage({ signedIn: session.sub });
+    return session;
+  } catch (error) {
+    showNotice(`The token was rejected (${error.message}): open this page with a new /#token=…`, "error", {
+      sticky: true,
+    });
+    return null;
   }
 }
 
@@ -59,13 +75,13 @@ class ApiFailure extends Error {
   }
 }
 
-async function api(path, body) {
-  const init = { credentials: "same-origin", headers: { Accept: "application/json" } };
+async function api(path, body, headers = {}) {
+  const init = { credentials: "same-origin", headers: { Accept: "application/json", ...headers } };
   if (body !== undefined) {
-    init.method = "POST";
     init.headers["Content-Type"] = "application/json";
     init.body = body;
   }
+  if (body !== undefined || headers.Authorization) init.method = "POST";
   const response = await fetch(path, init);
   const payload = await response.json().catch(() => null);
   if (!response.ok) throw new ApiFailure(response.status, payload);
@@ -89,7 +105,6 @@ async function loadInbox({ replace = false, cursor = null } = {}) {
       }
     }
     for (const m of page.messages) {
-      stream?.listen(m.event);
       const row = { seq: String(m.seq), event: m.event, data: m.data, createdAt: m.created_at, readAt: m.read_at };
       addRow(row, { fromRest: true });
     }
@@ -122,9 +137,20 @@ async function markAllRead() {
   if (through === null) return;
   $("mark-all").disabled = true;
   try {
-    await api("/me/messages/read", `{"through":${through}}`);
-    setReadThrough(through);
-    inboxChannel?.postMessage({ through });
+    if (nextCursor === null) {
+      // Every unread row up to `through` is on screen: one statement marks them all.
+      await api("/me/messages/read", `{"through":${through}}`);
+      setReadThrough(through);
+      inboxChannel?.postMessage({ through });
+    } else {
+      // Older unread rows were never loaded: marking `through` would mark them unseen. Only what is shown.
+      const seqs = [...rows.values()].filter((row) => !row.readAt).map((row) => row.seq);
+      if (seqs.length > 0) {
+        await api("/me/messages/read", `{"seqs":[${seqs.join(",")}]}`);
+        setRead(seqs);
+        inboxChannel?.postMessage({ read: seqs });
+      }
+    }
   } catch (error) {
     showNotice(`Could not mark all as read: ${error.message}`, "error");
   }
@@ -247,6 +273,7 @@ function showNotice(text, level = "info", { sticky = false } = {}) {
 function showStatus(status) {
   const el = $("status");
   el.dataset.state = status.state;
+  el.dataset.reconnectAt = status.reconnectAt ? String(status.reconnectAt) : "";
   document.body.dataset.role = status.leader ? "leader" : "follower";
   $("role").textContent = status.leader ? "this tab holds the stream" : "sharing another tab's stream";
   const at = status.reconnectAt ? new Date(status.reconnectAt).toLocaleTimeString() : "";
@@ -269,7 +296,7 @@ function showStatus(status) {
     showNotice(null);
   }
   if (status.state === "live") {
-    // After a gap (reconnect, hand-over) re-read the inbox: it also brings events of types not yet known.
+    // After a gap (reconnect, hand-over) re-read the inbox: it covers more than the stream's replay limit.
     if (everLive) loadInbox();
     everLive = true;
   }
@@ -277,29 +304,34 @@ function showStatus(status) {
 
 // ---- start --------------------------------------------------------------------------------------------
 
-function start() {
+async function start() {
   // Pasting /#token=… over an open page only changes the fragment: no load happens, so start over.
   window.addEventListener("hashchange", () => {
-    if (takeTokenFromFragment()) location.reload();
+    if (new URLSearchParams(location.hash.slice(1)).has("token")) location.reload();
   });
-  let tookToken = takeTokenFromFragment();
-  const token = readToken();
-  if (!token) {
+  const fragmentToken = takeTokenFromFragment();
+  const session = await signIn(fragmentToken);
+  if (!session) {
     $("status").dataset.state = "closed";
     $("status-text").textContent = "no token";
-    const text = "No token: open this page as /#token=<JWT> (for example from `pgpush token --sub alice`).";
-    showNotice(text, "error", { sticky: true });
+    if (!$("notice").dataset.sticky) {
+      const text = "No token: open this page as /#token=<JWT> (for example from `pgpush token --sub alice`).";
+      showNotice(text, "error", { sticky: true });
+    }
     render();
     $("empty").hidden = true;
     return;
   }
-  const sub = claims(token).sub ?? "";
+  const sub = session.sub;
   $("user").textContent = sub;
   $("empty-user").textContent = sub || "alice";
+  // Another tab signed in as someone else: this one's list and stream belong to the old user.
+  inboxChannel?.addEventListener("message", ({ data }) => {
+    if (data?.signedIn && data.signedIn !== sub) location.reload();
+  });
 
-  const extraTypes = (new URLSearchParams(location.search).get("types") ?? "").split(",").filter(Boolean);
+  let signedInNow = Boolean(fragmentToken);
   stream = openStream({
-    types: [...DEFAULT_TYPES, ...extraTypes],
     onEvent: (event) => {
       addRow(
         { seq: event.id, event: event.type, data: event.data, createdAt: new Date().toISOString(), readAt: null },
@@ -310,8 +342,8 @@ function start() {
     onStatus: (status) => {
       showStatus(status);
       // A new token arrived while the stream (held by another tab) had stopped on the old one.
-      if (tookToken && !status.leader && ["expired", "unauthorized"].includes(status.state)) {
-        tookToken = false;
+      if (signedInNow && !status.leader && ["expired", "unauthorized"].includes(status.state)) {
+        signedInNow = false;
         stream.reconnect();
       }
     },

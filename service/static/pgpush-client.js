@@ -4,46 +4,41 @@
  *
  *   import { openStream } from "./pgpush-client.js";
  *   const stream = openStream({
- *     types: ["lead", "notice"],             // named events your app expects (see "Event types" below)
- *     onEvent: (e) => console.log(e.type, e.id, e.data),   // e.data is the parsed JSON payload
+ *     onEvent: (e) => console.log(e.type, e.id, e.data),   // every row, whatever its type; data is parsed
  *     onStatus: (s) => console.log(s.state, s),
  *     onReset: (info) => reloadInboxOverRest(info.reason),
  *   });
- *   stream.listen("invoice");                 // one more event type, at any time
  *   stream.reconnect();                       // e.g. after the user signed in again
  *   stream.close();
  *
+ * Transport. The stream is read with fetch() and parsed here (WHATWG server-sent events format) rather
+ * than with EventSource, which drops every named event nobody registered a listener for and hides the
+ * HTTP status. So every row arrives, of any type, and a refused token is told from an outage at once.
+ *
  * Credentials. By default the stream sends the `pgpush_token` cookie (same origin). Pass
  * `ticket: async () => "<ticket>"` to authenticate with a short-lived ticket from POST /events/ticket
- * instead (the function is called for every new connection; EventSource's own quick reconnects reuse the
- * URL, and a ticket expired by then is replaced by the fallback below). A long-lived token never goes in
- * the URL.
+ * instead (called for every new connection). A long-lived token never goes in the URL.
  *
  * One stream per browser. Browsers allow six HTTP/1.1 connections per host, so every tab of an origin
  * shares ONE stream: the tabs queue on a Web Lock (`navigator.locks`, name `lockName`); the tab holding
- * it opens the EventSource and relays every event and status change to the others over a
- * BroadcastChannel (`channelName`). When that tab closes, the browser releases its lock, the next tab gets
- * it and reopens the stream from the last event id it saw in the relayed messages, so nothing is lost
- * (an event relayed twice is dropped by its id). Without Web Locks or BroadcastChannel (e.g. a page
- * served over plain http from a host other than localhost: Web Locks needs a secure context), or with
+ * it opens the stream and relays every event and status change to the others over a BroadcastChannel
+ * (`channelName`). When that tab closes, the browser releases its lock (a moment after the tab is gone),
+ * the next tab gets it and reopens the stream from the last event id it saw in the relayed messages, so
+ * nothing is lost (an event relayed twice is dropped by its id). Without Web Locks or BroadcastChannel
+ * (e.g. plain http from a host other than localhost: Web Locks needs a secure context), or with
  * `shared: false`, each tab opens its own stream.
  *
  * Pauses and restarts. pgpush closes an idle stream with `event: pause` and
- * `data: {"reconnect_at": <epoch ms>}`; this client closes the EventSource and opens a new one at that
- * time with `?lastEventId=<id>` (a new EventSource does not inherit the old one's Last-Event-ID). When the
- * server restarts, EventSource reconnects by itself with its Last-Event-ID header; status "reconnecting"
- * is reported meanwhile. If the browser gives up (the server answered with an error status), the client
- * asks the server why: 401/403 stops with status "unauthorized", anything else retries with a backoff
- * (honouring Retry-After). `event: token_expired` stops the stream with status "expired"; call
+ * `data: {"reconnect_at": <epoch ms>}`; the client reconnects at that time with `?lastEventId=<id>`. When
+ * the stream ends otherwise (server restart, drain, lifetime) it comes back after the stream's last
+ * `retry:`; an unreachable server or an error status is retried with a backoff (honouring Retry-After),
+ * 401/403 stops with status "unauthorized". `event: token_expired` stops with status "expired"; call
  * `reconnect()` once the user has a new token. `event: reset` (the client's cursor is unknown, or there
- * are more unread rows than the server replays) calls `onReset`: reload the inbox over REST.
+ * are more unread rows than the server replays) calls `onReset`: reload the inbox over REST. Every wait is
+ * capped at 15 minutes.
  *
- * Event types. EventSource dispatches a named event (`event: lead`) only to listeners registered for
- * that exact name, and there is no wildcard; events named `message` (the table's default) arrive always.
- * So an event of a type nobody listens for is silently skipped by the browser. List the types your app
- * uses in `types`, and call `listen(type)` for types learned later (e.g. from the REST inbox); the types
- * any tab listens for are shared with the tab that holds the stream. `pause`, `reset` and
- * `token_expired` are pgpush's own control events; do not use them as message types.
+ * Control events. `pause`, `reset`, `token_expired` and names starting with `pgpush` are pgpush's own;
+ * they are never delivered as rows, and obeyed only without an `id:` of their own (as pgpush sends them).
  *
  * Statuses passed to onStatus: {state: "connecting" | "live" | "reconnecting" | "paused" | "down" |
  * "expired" | "unauthorized" | "closed", leader: whether this tab holds the stream, reconnectAt: epoch ms
@@ -52,6 +47,18 @@
 
 const CONTROL_EVENTS = ["pause", "reset", "token_expired"];
 const BACKOFF_MS = [1000, 2000, 5000, 10000, 30000];
+// The longest the client waits before reconnecting, whatever a pause or Retry-After says: setTimeout fires
+// at once for delays past 2^31 - 1 ms, and a user should never be left days without a stream.
+const MAX_DELAY_MS = 15 * 60 * 1000;
+
+/** pgpush's own event names: the three above and any future one starting with `pgpush`. */
+function isControl(type) {
+  return CONTROL_EVENTS.includes(type) || type.startsWith("pgpush");
+}
+
+function clampDelay(ms) {
+  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), MAX_DELAY_MS) : MAX_DELAY_MS;
+}
 
 /**
  * Open (or join) the browser's shared pgpush stream.
@@ -59,7 +66,6 @@ const BACKOFF_MS = [1000, 2000, 5000, 10000, 30000];
  * @param {string} [options.url="/events"] the stream's URL
  * @param {() => Promise<string>} [options.ticket] returns a fresh ticket; omitted: cookie authentication
  * @param {boolean} [options.withCredentials=false] send cookies to a stream on another origin (CORS)
- * @param {string[]} [options.types=[]] named event types to receive (besides `message`)
  * @param {(event: {type: string, id: string, data: unknown}) => void} [options.onEvent]
  * @param {(status: object) => void} [options.onStatus]
  * @param {(info: {reason: string}) => void} [options.onReset]
@@ -71,7 +77,6 @@ export function openStream(options = {}) {
   const opts = {
     url: "/events",
     withCredentials: false,
-    types: [],
     onEvent: () => {},
     onStatus: () => {},
     onReset: () => {},
@@ -80,7 +85,6 @@ export function openStream(options = {}) {
     channelName: "pgpush-stream",
     ...options,
   };
-  const types = new Set(["message", ...opts.types]);
   const canShare = opts.shared && typeof BroadcastChannel === "function" && globalThis.navigator?.locks;
   const channel = canShare ? new BroadcastChannel(opts.channelName) : null;
 
@@ -93,8 +97,8 @@ export function openStream(options = {}) {
   let failures = 0;
   let releaseLock = null;
   let generation = 0; // bumped by every (re)connect and stop: a slower, older attempt then gives up
+  let retryMs = 3000; // the stream's latest `retry:`, the wait before coming back after it ends
   const lockRequest = new AbortController();
-  const listeners = new Map(); // type -> listener registered on the current EventSource
 
   function setStatus(next) {
     status = next;
@@ -118,7 +122,7 @@ export function openStream(options = {}) {
   }
 
   /** The payload of a control event (pause, reset) as an object; a reset also forgets the cursor. */
-  function control(type, rawData) {
+  function controlData(type, rawData) {
     let data = null;
     try {
       data = JSON.parse(rawData);
@@ -146,102 +150,91 @@ export function openStream(options = {}) {
     generation += 1;
     clearTimeout(timer);
     timer = null;
-    if (source) {
-      source.close();
-      source = null;
-      listeners.clear();
-    }
+    source?.abort();
+    source = null;
   }
 
-  function addListener(type) {
-    if (!source || listeners.has(type)) return;
-    const onRow = (event) => {
+  /** One event as pgpush sends it: a row (with its `id:`) or a control event (without one). */
+  function onFrame(frame) {
+    if (!isControl(frame.event)) {
       failures = 0;
-      if (deliver(event.type, event.lastEventId, event.data) && channel) {
-        channel.postMessage({ kind: "event", type: event.type, id: event.lastEventId, data: event.data });
+      if (deliver(frame.event, frame.id ?? "", frame.data) && channel) {
+        channel.postMessage({ kind: "event", type: frame.event, id: frame.id ?? "", data: frame.data });
       }
-    };
-    listeners.set(type, onRow);
-    source.addEventListener(type, onRow);
+      return;
+    }
+    // pgpush sends its control events without an `id:`. A control name with an id is a row that should
+    // never have been written (or a forged one): ignored, never obeyed. Unknown pgpush* names too.
+    if (frame.id !== null) return;
+    if (frame.event === "pause") {
+      const { reconnect_at: at } = controlData("pause", frame.data);
+      stopSource();
+      const delay = clampDelay(Number.isFinite(at) ? at - Date.now() : 60000);
+      setStatus({ state: "paused", reconnectAt: Date.now() + delay });
+      timer = setTimeout(connect, delay);
+    } else if (frame.event === "token_expired") {
+      stopSource();
+      setStatus({ state: "expired" });
+    } else if (frame.event === "reset") {
+      controlData("reset", frame.data);
+      if (channel) channel.postMessage({ kind: "reset", data: frame.data });
+    }
   }
 
   async function connect() {
     stopSource();
     const attempt = generation;
     if (closed || !leader) return;
-    setStatus({ state: status.state === "live" ? "reconnecting" : "connecting" });
-    let url;
-    try {
-      url = await streamUrl();
-    } catch (error) {
-      if (attempt === generation) retryLater(null, `ticket: ${error?.message ?? error}`);
-      return;
-    }
-    if (closed || !leader || attempt !== generation) return;
-    const es = new EventSource(url, { withCredentials: opts.withCredentials });
-    source = es;
-    es.onopen = () => setStatus({ state: "live" });
-    es.onerror = () => {
-      if (source !== es) return;
-      // CONNECTING: the connection dropped and EventSource retries by itself (server restart, network).
-      if (es.readyState === EventSource.CONNECTING) setStatus({ state: "reconnecting" });
-      else diagnose(); // CLOSED: the server answered with an error status; EventSource gave up.
-    };
-    for (const type of types) addListener(type);
-    es.addEventListener("pause", (event) => {
-      const { reconnect_at: at } = control("pause", event.data);
-      stopSource();
-      const reconnectAt = Number.isFinite(at) ? at : Date.now() + 60000;
-      setStatus({ state: "paused", reconnectAt });
-      timer = setTimeout(connect, Math.max(0, reconnectAt - Date.now()));
-    });
-    es.addEventListener("token_expired", () => {
-      stopSource();
-      setStatus({ state: "expired" });
-    });
-    es.addEventListener("reset", (event) => {
-      control("reset", event.data);
-      if (channel) channel.postMessage({ kind: "reset", data: event.data });
-    });
-  }
-
-  /** EventSource hides the status code; one plain request tells a rejected token from a passing outage. */
-  async function diagnose() {
-    stopSource();
-    const attempt = generation;
-    let response = null;
     const abort = new AbortController();
+    source = abort;
+    setStatus({ state: status.state === "live" ? "reconnecting" : "connecting" });
+    let response;
     try {
-      const url = await streamUrl(); // with a fresh ticket: the old one may have expired meanwhile
-      if (closed || !leader || attempt !== generation) return;
+      const url = await streamUrl();
+      if (attempt !== generation) return;
       response = await fetch(url, {
         signal: abort.signal,
         credentials: opts.withCredentials ? "include" : "same-origin",
         headers: { Accept: "text/event-stream" },
+        cache: "no-store",
       });
-    } catch {
-      // the server (or the ticket endpoint) is unreachable: retry below
-    } finally {
-      abort.abort(); // a 200 here is a stream we do not want: the EventSource reopens it
+    } catch (error) {
+      if (attempt === generation) retryLater(null, `unreachable: ${error?.message ?? error}`);
+      return;
     }
-    if (closed || !leader || attempt !== generation) return;
-    if (response && (response.status === 401 || response.status === 403)) {
+    if (attempt !== generation) return;
+    if (response.status === 401 || response.status === 403) {
+      source = null;
       setStatus({ state: "unauthorized", httpStatus: response.status });
       return;
     }
-    if (response && response.ok) {
-      failures = 0;
-      connect();
+    if (!response.ok || !response.body) {
+      retryLater(response, `HTTP ${response.status}`);
       return;
     }
-    retryLater(response, response ? `HTTP ${response.status}` : "unreachable");
+    setStatus({ state: "live" });
+    try {
+      await readEvents(
+        response.body,
+        (frame) => attempt === generation && onFrame(frame),
+        (ms) => {
+          retryMs = ms;
+        },
+      );
+    } catch {
+      // the connection dropped
+    }
+    if (attempt !== generation) return; // stopped on purpose: pause, token_expired, close, a newer connect
+    // The server ended the stream (restart, drain, lifetime) or the network dropped: back after `retry:`.
+    setStatus({ state: "reconnecting" });
+    timer = setTimeout(connect, clampDelay(retryMs));
   }
 
   function retryLater(response, reason) {
     const retryAfter = Number(response?.headers.get("retry-after"));
     const backoff = BACKOFF_MS[Math.min(failures, BACKOFF_MS.length - 1)];
     failures += 1;
-    const delay = Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter * 1000 : backoff;
+    const delay = clampDelay(Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter * 1000 : backoff);
     const reconnectAt = Date.now() + delay;
     setStatus({ state: "down", reconnectAt, reason });
     timer = setTimeout(connect, delay);
@@ -271,18 +264,15 @@ export function openStream(options = {}) {
         status = msg.status;
         opts.onStatus({ ...msg.status, leader: false, lastEventId });
       } else if (msg.kind === "reset" && !leader) {
-        control("reset", msg.data);
+        controlData("reset", msg.data);
       } else if (msg.kind === "hello") {
-        for (const type of msg.types ?? []) listen(type, false);
         if (leader) setStatus(status); // tell the newcomer where the stream stands
-      } else if (msg.kind === "listen") {
-        for (const type of msg.types ?? []) listen(type, false);
       } else if (msg.kind === "reconnect" && leader) {
         failures = 0;
         connect();
       }
     };
-    channel.postMessage({ kind: "hello", types: [...types] });
+    channel.postMessage({ kind: "hello" });
     opts.onStatus({ state: "connecting", leader: false, lastEventId });
     // Aborted by close() while still queued, so a closed client never takes the lock from the others.
     navigator.locks.request(opts.lockName, { signal: lockRequest.signal }, lead).catch(() => {});
@@ -290,16 +280,9 @@ export function openStream(options = {}) {
     lead();
   }
 
-  function listen(type, announce = true) {
-    if (CONTROL_EVENTS.includes(type) || types.has(type)) return;
-    types.add(type);
-    addListener(type);
-    if (announce && channel) channel.postMessage({ kind: "listen", types: [type] });
-  }
-
   return {
-    /** Receive events of one more type (EventSource has no wildcard; see the header comment). */
-    listen: (type) => listen(String(type)),
+    /** Kept for 0.3 callers: every event type is delivered now, so there is nothing to register. */
+    listen: () => {},
     /** Reopen the stream now, e.g. after a pause, an expired token or a new sign-in. */
     reconnect() {
       failures = 0;
@@ -331,4 +314,46 @@ export function openStream(options = {}) {
 /** True when event id `a` is at or after `b` (ids are integers that may exceed 2^53: compare as text). */
 function notBefore(a, b) {
   return a.length !== b.length ? a.length > b.length : a >= b;
+}
+
+/**
+ * Read a text/event-stream body and call `onFrame({event, data, id})` per event (WHATWG HTML, "Server-sent
+ * events": lines end in CRLF, LF or CR; `id` is null when the event had no `id:` field of its own).
+ * `retry:` values go to `onRetry`.
+ */
+export async function readEvents(body, onFrame, onRetry = () => {}) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let skipLF = false; // the last chunk ended in CR: an LF starting the next one belongs to it
+  let frame = { event: "", data: [], id: null };
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      let text = value;
+      if (skipLF && text.startsWith("\n")) text = text.slice(1);
+      skipLF = text.endsWith("\r");
+      buffer += text;
+      const lines = buffer.split(/\r\n|\r|\n/);
+      buffer = lines.pop();
+      for (const line of lines) {
+        if (line === "") {
+          if (frame.data.length > 0) onFrame({ event: frame.event || "message", data: frame.data.join("\n"), id: frame.id });
+          frame = { event: "", data: [], id: null };
+          continue;
+        }
+        if (line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon === -1 ? line : line.slice(0, colon);
+        let value = colon === -1 ? "" : line.slice(colon + 1);
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (field === "event") frame.event = value;
+        else if (field === "data") frame.data.push(value);
+        else if (field === "id" && !value.includes("\0")) frame.id = value;
+        else if (field === "retry" && /^\d+$/.test(value)) onRetry(Number(value));
+      }
+    }
+  } finally {
+    reader.releaseLock();
+  }
 }
