@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import RunningServer
-from tests.faults.client import poll
+from tests.polling import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -102,7 +102,7 @@ async def wait_for_one_holder(tabs: list[Page], role: str) -> Page:
         locks = await tabs[0].evaluate(LOCKS)
         return roles.count(True) == 1 and locks == {"held": 1, "pending": len(tabs) - 1}
 
-    await poll(settled, within=WAIT_S, what="exactly one tab holds the stream, the others queue")
+    await wait_until(settled, within=WAIT_S, what="exactly one tab holds the stream, the others queue")
     roles = [await tab.evaluate(role) for tab in tabs]
     return tabs[roles.index(True)]
 
@@ -113,7 +113,7 @@ async def wait_for_streams(server: RunningServer, count: int) -> None:
     async def counted() -> bool:
         return await metric(server, "pgpush_streams") == count
 
-    await poll(counted, within=WAIT_S, what=f"pgpush_streams == {count}")
+    await wait_until(counted, within=WAIT_S, what=f"pgpush_streams == {count}")
 
 
 async def insert(db: asyncpg.Connection, event: str, data: str, recipient: str = "alice") -> int:

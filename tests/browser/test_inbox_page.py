@@ -23,7 +23,7 @@ from playwright.async_api import BrowserContext, Page, Route, expect
 
 from tests.browser.chromium import WAIT_S, insert, open_inbox, wait_for_one_holder, wait_for_streams
 from tests.conftest import RunningServer, ServerFactory, make_token, settings_for
-from tests.faults.client import poll
+from tests.polling import wait_until
 
 
 async def read_at_is_set(db: asyncpg.Connection) -> dict[int, bool]:
@@ -358,7 +358,9 @@ async def test_closing_the_holder_ten_times_with_rows_flowing_loses_and_repeats_
             counts = [await tab.evaluate("window.received.length") for tab in tabs]
             return all(count >= len(flow.seqs) for count in counts)
 
-        await poll(everyone_has_everything, within=WAIT_S, what=f"hand-over {handover}: all rows in all tabs")
+        await wait_until(
+            everyone_has_everything, within=WAIT_S, what=f"hand-over {handover}: all rows in all tabs"
+        )
         for tab in tabs:
             assert await tab.evaluate("window.received") == flow.seqs, f"hand-over {handover}"
     await wait_for_streams(server, 1)
