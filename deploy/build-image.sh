@@ -3,7 +3,7 @@
 #
 #   deploy/build-image.sh                    # offline: a local Debian base, then the image
 #   deploy/build-image.sh --official-base    # online: the Dockerfile's default base (pulled from Docker Hub)
-#   deploy/build-image.sh --tag registry.example.com/team/pgpush:0.3.0
+#   deploy/build-image.sh --tag registry.example.com/team/pgpush:0.4.0
 #
 # Offline, the base is built from Debian's packages instead of pulled: debootstrap (--variant=minbase) installs
 # python3, python3-venv and ca-certificates into a folder, which `docker import` turns into the image

@@ -1,3 +1,3 @@
 """pgpush: Postgres-backed per-user notifications over Server-Sent Events."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
