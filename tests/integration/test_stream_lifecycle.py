@@ -8,6 +8,7 @@ import time
 
 import asyncpg
 import httpx
+import pytest
 
 from tests.conftest import RunningServer, ServerFactory, make_token
 from tests.polling import wait_until
@@ -92,6 +93,7 @@ async def test_a_closed_client_frees_its_slot(server: RunningServer) -> None:
     await wait_until(lambda: server.stream_count == 0)
 
 
+@pytest.mark.timeout(300)
 async def test_a_client_that_stops_reading_is_cut_and_resumes_from_the_table(
     start_server: ServerFactory, db: asyncpg.Connection
 ) -> None:
@@ -107,7 +109,8 @@ async def test_a_client_that_stops_reading_is_cut_and_resumes_from_the_table(
             "INSERT INTO messages (recipient, data) SELECT 'alice', $1::jsonb FROM generate_series(1, 500)",
             payload,
         )
-    await wait_until(lambda: server.stream_count == 0)
+    # 20 MB of frames to read and push before the buffer overflows: minutes on a loaded box, a bound only.
+    await wait_until(lambda: server.stream_count == 0, within=120, what="the stalled stream was cut")
     writer.close()
     assert server.metric("pgpush_streams_closed_total", reason="overflow") == 1
     async with await open_stream(server.url, token, last_event_id=0) as stream:
