@@ -102,7 +102,7 @@ async def test_sigterm_sends_every_stream_a_jittered_retry_and_exits_0_within_th
         retries = []
         for stream in streams:
             await asyncio.wait_for(stream.closed.wait(), 10)
-            retries.append(stream.parser.retries[-1])
+            retries.append(stream.retries[-1])
     finally:
         for stream in streams:
             await stream.close()

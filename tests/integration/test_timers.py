@@ -7,7 +7,7 @@ only write to the table, so a timer that never fires fails them.
 from __future__ import annotations
 
 import asyncpg
-from pgpush.announcer import AWAKE_LOCK_KEY
+from pgpush import announcer
 
 from tests.conftest import ServerFactory, make_token
 from tests.polling import wait_until
@@ -24,11 +24,11 @@ async def test_the_safety_net_delivers_a_row_whose_notification_never_came(
     start_server: ServerFactory, db: asyncpg.Connection, database_url: str
 ) -> None:
     server = await start_server(safety_net_seconds=2)
-    # The test holds the announcer's "awake" lock and never announces: a statement hands its recipients to
+    # The test wakes as the announcer would and never announces: a statement hands its recipients to
     # message_changes instead of notifying, so only a resync from the table can find its row.
     silent = await asyncpg.connect(database_url)
     try:
-        await silent.execute("SELECT pg_advisory_lock($1)", AWAKE_LOCK_KEY)
+        assert await announcer.wake(silent)
         async with await open_stream(server.url, make_token("alice")) as stream:
             received = []
             # Twice: once the first row is in, the stream is past its first read, and no hint is pending

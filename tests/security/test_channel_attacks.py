@@ -100,7 +100,7 @@ async def test_a_forged_notification_reaches_no_stream_and_delays_no_row(
         event = await alice.next(timeout=30)
         assert (event.type, event.data) == ("lead", '{"company":"REAL"}')
         assert int(event.last_event_id) > int(first.last_event_id)
-        assert 86400000 not in alice.parser.retries
+        assert 86400000 not in alice.retries
         assert await alice.quiet(0.5) == []
 
 
@@ -128,7 +128,7 @@ async def test_a_malformed_carried_row_on_the_private_channel_is_read_from_the_t
         await insert(writer, "alice", '{"company": "REAL"}')
         received = await alice.next(timeout=30)
         assert (received.type, received.data) == ("lead", '{"company":"REAL"}')
-        assert 86400000 not in alice.parser.retries
+        assert 86400000 not in alice.retries
 
 
 async def test_a_cursor_a_notification_moved_past_the_table_is_restarted_from_the_table(
@@ -149,8 +149,8 @@ async def test_a_cursor_a_notification_moved_past_the_table_is_restarted_from_th
             await db.execute("SELECT pg_notify($1, $2)", channel, "alice\n" + "\t".join(row))
             await insert(writer, "alice", '{"company": "REAL"}')
             await alice.rest(timeout=60)  # the server ends the stream at its next safety net
-        assert alice.parser.last_event_id == "9000000000000000000"  # the channel's holder is trusted
-        async with await open_stream(service.url, token, last_event_id=alice.parser.last_event_id) as again:
+        assert alice.last_event_id == "9000000000000000000"  # the channel's holder is trusted
+        async with await open_stream(service.url, token, last_event_id=alice.last_event_id) as again:
             reset, acme, real = await again.take(3, timeout=30)
         assert (reset.type, json.loads(reset.data)) == ("reset", {"reason": "cursor_ahead"})
         assert (acme.data, real.data) == ('{"company":"ACME"}', '{"company":"REAL"}')
