@@ -180,20 +180,29 @@ async def own_cluster(postgres_tmp: Path) -> AsyncIterator[tuple[EmbeddedPostgre
         await asyncio.to_thread(cluster.stop, "immediate")
 
 
+@contextlib.asynccontextmanager
+async def scratch_database(pg_url: str, options: str = "", prefix: str = "pgpush_test") -> AsyncIterator[str]:
+    """A database of the test's own (`options` follow CREATE DATABASE), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" {options}')
+    finally:
+        await conn.close()
+    try:
+        yield with_database(pg_url, name)
+    finally:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
 @pytest.fixture
 async def database_url(pg_url: str, template_database: str) -> AsyncIterator[str]:
-    name = f"pgpush_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    finally:
-        await conn.close()
-    yield with_database(pg_url, name)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with scratch_database(pg_url, f'TEMPLATE "{template_database}"') as url:
+        yield url
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -16,7 +15,7 @@ import pytest
 from alembic.script import ScriptDirectory
 from pgpush.migrate import alembic_config
 
-from tests.conftest import make_token, with_database
+from tests.conftest import make_token, scratch_database
 from tests.container.pod import UID, MigratingPod, ServingPod, config_map_settings
 from tests.sse_client import open_stream
 
@@ -40,18 +39,8 @@ async def pod(image: str, database_url: str) -> AsyncIterator[ServingPod]:
 @pytest.fixture
 async def empty_database(pg_url: str) -> AsyncIterator[str]:
     """A database with no schema at all, as a new installation's is before its first migration Job."""
-    name = f"pgpush_container_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield with_database(pg_url, name)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with scratch_database(pg_url, prefix="pgpush_container") as url:
+        yield url
 
 
 def test_the_image_runs_pgpush_serve_as_uid_10001(image: str) -> None:

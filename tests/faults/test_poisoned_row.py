@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from pgpush.migrate import migrate
 
-from tests.conftest import make_token, with_database
+from tests.conftest import make_token, scratch_database
 from tests.hostile.conftest import watching
 from tests.polling import wait_until
 from tests.serve_process import HOST, ServerProcess
@@ -34,22 +33,10 @@ OTHERS = [f"user{n:02}" for n in range(20)]
 @pytest.fixture
 async def ascii_url(pg_url: str) -> AsyncIterator[str]:
     """A database of our own in SQL_ASCII (no encoding checks on what writers store), migrated."""
-    name = f"pgpush_ascii_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(
-            f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
-        )
-    finally:
-        await conn.close()
-    url = with_database(pg_url, name)
-    await asyncio.to_thread(migrate, url)
-    yield url
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    options = "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    async with scratch_database(pg_url, options, prefix="pgpush_ascii") as url:
+        await asyncio.to_thread(migrate, url)
+        yield url
 
 
 @pytest.fixture
