@@ -9,7 +9,7 @@
  * highest seq shown when every unread row is loaded, else the shown rows by seq.
  */
 
-import { openStream } from "./pgpush-client.js";
+import { isControl, openStream } from "./pgpush-client.js";
 
 const PAGE_SIZE = 100;
 
@@ -105,6 +105,9 @@ async function loadInbox({ replace = false, cursor = null } = {}) {
       }
     }
     for (const m of page.messages) {
+      // A row named like a control event (written before the table refused such names) is shown by
+      // neither path: the stream never delivers it as a row either.
+      if (isControl(m.event)) continue;
       const row = { seq: String(m.seq), event: m.event, data: m.data, createdAt: m.created_at, readAt: m.read_at };
       addRow(row, { fromRest: true });
     }

@@ -52,7 +52,7 @@ const BACKOFF_MS = [1000, 2000, 5000, 10000, 30000];
 const MAX_DELAY_MS = 15 * 60 * 1000;
 
 /** pgpush's own event names: the three above and any future one starting with `pgpush`. */
-function isControl(type) {
+export function isControl(type) {
   return CONTROL_EVENTS.includes(type) || type.startsWith("pgpush");
 }
 
