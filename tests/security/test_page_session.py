@@ -14,6 +14,7 @@ from playwright.async_api import BrowserContext, Dialog, Request, expect
 
 from tests.browser.chromium import browser_context, chromium_browser, open_inbox
 from tests.conftest import RunningServer, ServerFactory, make_token
+from tests.polling import wait_until
 
 __all__ = ["browser_context", "chromium_browser"]  # the fixtures `browser` and `context`
 
@@ -86,8 +87,10 @@ async def test_a_link_with_someone_elses_token_asks_before_switching_user(
     # The attacker's link: this browser would show, and mark read, mallory's inbox as if it were alice's.
     mallory = make_token("mallory")
     await page.goto(f"{server.url}/#token={mallory}")
+    # Only the fragment changes, so the page stays live throughout: wait for the question itself.
+    await wait_until(lambda: len(questions) == 1, what="the page asks before switching user")
+    assert '"alice"' in questions[0] and '"mallory"' in questions[0]
     await expect(page.locator("#status")).to_have_attribute("data-state", "live")
-    assert len(questions) == 1 and '"alice"' in questions[0] and '"mallory"' in questions[0]
     await expect(page.locator("#user")).to_have_text("alice")
     assert (await page.evaluate("fetch('/session').then((r) => r.json())"))["sub"] == "alice"
     assert page.url == f"{server.url}/", "the refused token stays out of the address bar"
