@@ -61,7 +61,7 @@ async def test_the_cookie_is_secure_behind_https_and_bad_tokens_get_json_401s(se
         assert "set-cookie" not in response.headers
 
         # A cookie alone cannot renew itself: the exchange wants the token in the header.
-        response = await client.post("/session", cookies={"pgpush_token": token})
+        response = await client.post("/session", headers={"Cookie": f"pgpush_token={token}"})
         assert response.status_code == 401
         assert response.json()["error"] == "unauthorized"
         assert "set-cookie" not in response.headers
