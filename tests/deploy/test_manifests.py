@@ -725,7 +725,7 @@ def test_build_stage_copies_what_links_in_its_sources_point_to() -> None:
         assert any(
             place == source and (target == source or target.startswith(f"{source}/"))
             for source, place in copied.items()
-        ), f"{link.relative_to(ROOT)} points to {target}, which the build stage does not COPY to the same place"
+        ), f"{link.relative_to(ROOT)} points to {target}, which the build stage does not COPY in place"
 
 
 def _dockerignore_patterns() -> list[str]:

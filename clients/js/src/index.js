@@ -316,8 +316,10 @@ export function connect(options = {}) {
     },
     /** Stop: this tab's stream (if it holds it) passes to another tab. */
     close() {
+      if (closed) return;
       closed = true;
       stopSource();
+      status = { state: "closed" };
       if (leader) opts.onStatus({ state: "closed", leader, lastEventId });
       leader = false;
       lockRequest.abort();

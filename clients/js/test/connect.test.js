@@ -248,6 +248,7 @@ test("close(): the stream stops and nothing reconnects", async (t) => {
   await waitFor(() => messages.length === 1, "the first row");
   client.close();
   assert.equal(statuses.at(-1).state, "closed");
+  assert.equal(client.status.state, "closed");
   await waitFor(() => server.requests[0].closed, "the server sees the stream's connection closed");
   assert.equal(pendingTimers(), 0, "no reconnect is scheduled");
   assert.equal(server.requests.length, 1);
