@@ -50,7 +50,8 @@ def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
 
 
 def test_the_node_unit_tests_pass(tmp_path: Path) -> None:
-    result = run([str(NPM), "test"], PACKAGE, npm_environment(tmp_path))
+    # TAP whatever the Node version's default reporter: its summary lines are `# pass <n>`, `# fail <n>`.
+    result = run([str(NPM), "test", "--", "--test-reporter=tap"], PACKAGE, npm_environment(tmp_path))
     summary = dict(line[2:].split(maxsplit=1) for line in result.stdout.splitlines() if line.startswith("# "))
     assert int(summary["fail"]) == 0 and int(summary["pass"]) >= 20, result.stdout
 
