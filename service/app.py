@@ -129,7 +129,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(messages.CountPublishRequests, counter=app.state.metrics.publish_requests)
     if settings.serve_page:
         app.include_router(page.router)
-        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+        # follow_symlink: in a source checkout pgpush-client.js is a link into clients/js (the one copy of
+        # the client package; a wheel holds the file itself). A path still cannot leave the folder (`..`).
+        app.mount("/static", StaticFiles(directory=STATIC_DIR, follow_symlink=True), name="static")
     app.stream_entry = events.serve_stream
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, **_cors_options(settings))

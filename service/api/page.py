@@ -1,8 +1,9 @@
 """GET /: the demo inbox page, and /session, its sign-in; all turned off with PGPUSH_SERVE_PAGE=false.
 
-The page itself is static (service/static: index.html, inbox.js, inbox.css and the copyable client module
-pgpush-client.js, served under /static). It loads nothing from another origin, so a strict Content
-Security Policy holds: a payload rendered in the page can never run as script.
+The page itself is static (service/static: index.html, inbox.js, inbox.css and the client module
+pgpush-client.js, a link to the package @pgpush/client in clients/js; served under /static). It loads
+nothing from another origin, so a strict Content Security Policy holds: a payload rendered in the page
+can never run as script.
 
 The token arrives in the page's URL fragment (`/#token=…`, never sent to a server). The page hands it once
 to POST /session, which answers with an `HttpOnly; SameSite=Strict` cookie: no script on the origin (an

@@ -1,15 +1,16 @@
 /**
  * The pgpush demo inbox (GET /): unread messages from the REST inbox (GET /me/messages?unread=true),
- * live ones from the browser's shared event stream (pgpush-client.js), mark one or all read
- * (POST /me/messages/read). The token comes once in `/#token=…` (a URL fragment never reaches a server or
- * its logs) and is exchanged at POST /session for an HttpOnly `pgpush_token` cookie that no script reads.
+ * live ones from the browser's shared event stream (pgpush-client.js: the package @pgpush/client of
+ * clients/js), mark one or all read (POST /me/messages/read). The token comes once in `/#token=…` (a URL
+ * fragment never reaches a server or its logs) and is exchanged at POST /session for an HttpOnly
+ * `pgpush_token` cookie that no script reads.
  *
  * Every row is shown, whatever its event type (the client delivers all of them; the page renders each the
  * same way: its type, seq, time and JSON). "Mark all read" marks only what is on screen: `through` the
  * highest seq shown when every unread row is loaded, else the shown rows by seq.
  */
 
-import { isControl, openStream } from "./pgpush-client.js";
+import { connect, isControl } from "./pgpush-client.js";
 
 const PAGE_SIZE = 100;
 
@@ -334,8 +335,8 @@ async function start() {
   });
 
   let signedInNow = Boolean(fragmentToken);
-  stream = openStream({
-    onEvent: (event) => {
+  stream = connect({
+    onMessage: (event) => {
       addRow(
         { seq: event.id, event: event.type, data: event.data, createdAt: new Date().toISOString(), readAt: null },
         { fresh: true },

@@ -287,7 +287,7 @@ async def test_three_tabs_share_one_stream_and_a_closing_holder_hands_it_over(
 # A tab using the client module as an application would, recording every delivery (not only what the DOM
 # shows, which would hide a row delivered twice) and whether it holds the stream.
 RECORDING_CLIENT = """async ([token]) => {
-  const { openStream } = await import("/static/pgpush-client.js");
+  const { connect } = await import("/static/pgpush-client.js");
   window.received = [];
   window.holds = false;
   const ticket = async () => {
@@ -295,9 +295,9 @@ RECORDING_CLIENT = """async ([token]) => {
     const response = await fetch("/events/ticket", { method: "POST", headers });
     return (await response.json()).ticket;
   };
-  openStream({
-    ticket,
-    onEvent: (e) => window.received.push(Number(e.id)),
+  connect({
+    getTicket: ticket,
+    onMessage: (e) => window.received.push(Number(e.id)),
     onStatus: (s) => { window.holds = s.leader; },
   });
 }"""
@@ -367,17 +367,17 @@ async def test_closing_the_holder_ten_times_with_rows_flowing_loses_and_repeats_
 
 
 TICKET_CLIENT = """async ([token]) => {
-  const { openStream } = await import("/static/pgpush-client.js");
+  const { connect } = await import("/static/pgpush-client.js");
   window.received = [];
   const ticket = async () => {
     const headers = { Authorization: `Bearer ${token}` };
     const response = await fetch("/events/ticket", { method: "POST", headers });
     return (await response.json()).ticket;
   };
-  openStream({
-    ticket,
+  connect({
+    getTicket: ticket,
     shared: false,
-    onEvent: (e) => {
+    onMessage: (e) => {
       window.received.push([e.id, e.type, e.data]);
       document.body.dataset.received = String(window.received.length);
     },

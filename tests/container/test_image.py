@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 from alembic.script import ScriptDirectory
 from pgpush.migrate import alembic_config
@@ -23,6 +25,8 @@ pytestmark = pytest.mark.timeout(300)
 
 # What the memory rule assumes a pod uses without streams (tests/deploy/test_components.py, BASELINE_MIB).
 BASELINE_MIB = 160
+# The browser client package; the source tree links service/static/pgpush-client.js to it.
+CLIENT_SOURCE = Path(__file__).parents[2] / "clients" / "js" / "src" / "index.js"
 
 
 @pytest.fixture
@@ -72,6 +76,10 @@ async def test_a_pod_is_ready_and_streams_an_inserted_row(pod: ServingPod, db: a
     mounts = pod.container.exec(["cat", "/proc/1/mounts"]).output.decode().splitlines()
     options = {fields[1]: fields[3].split(",") for fields in (line.split() for line in mounts)}
     assert "ro" in options["/"] and "rw" in options["/tmp"], mounts
+    # The page's client module is in the image as the file itself, not as a link left dangling.
+    async with httpx.AsyncClient(base_url=pod.url, timeout=10) as client:
+        served = await client.get("/static/pgpush-client.js")
+    assert served.status_code == 200 and served.text == CLIENT_SOURCE.read_text()
 
 
 async def test_sigterm_sends_every_stream_a_jittered_retry_and_exits_0_within_the_grace_period(

@@ -699,6 +699,35 @@ def test_build_stage_copies_every_package_source() -> None:
     assert needed <= copied, f"the build stage does not COPY {sorted(needed - copied)}"
 
 
+def test_build_stage_copies_what_links_in_its_sources_point_to() -> None:
+    """Docker copies a link as a link: service/static/pgpush-client.js (a link into clients/js) would be left
+    dangling, and the wheel without the browser client, unless its target is COPYed to the same place."""
+    instructions = dockerfile_instructions()
+    final_start = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
+    # WORKDIR /src: `COPY service ./service` keeps every path as it is in the repository.
+    copied = {}
+    for ins, args in instructions[:final_start]:
+        if ins == "COPY" and "--from=" not in args:
+            *sources, dest = args.split()
+            for source in sources:
+                place = dest.removeprefix("./").rstrip("/") if len(sources) == 1 and dest != "./" else source
+                copied[source.rstrip("/")] = place
+    links = [
+        path
+        for source in copied
+        if (ROOT / source).is_dir()
+        for path in (ROOT / source).rglob("*")
+        if path.is_symlink() and "__pycache__" not in path.parts
+    ]
+    assert ROOT / "service" / "static" / "pgpush-client.js" in links
+    for link in links:
+        target = link.resolve().relative_to(ROOT).as_posix()
+        assert any(
+            place == source and (target == source or target.startswith(f"{source}/"))
+            for source, place in copied.items()
+        ), f"{link.relative_to(ROOT)} points to {target}, which the build stage does not COPY in place"
+
+
 def _dockerignore_patterns() -> list[str]:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
