@@ -35,6 +35,7 @@ class Totals:
     last_receipt: float = 0.0
     latencies: array.array[float] = field(default_factory=lambda: array.array("f"))
     opened: int = 0
+    reads: int = 0  # socket reads once the body began (while idle: one per heartbeat)
     closed: int = 0
     failed: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
@@ -79,6 +80,7 @@ class SSEProtocol(asyncio.Protocol):
             self.in_body = True
             if not self.opened.done():
                 self.opened.set_result(True)
+        self.totals.reads += 1
         if self.chunked:
             data = self._dechunk(data)
         self._events(data)
@@ -146,6 +148,9 @@ class Config:
     port: int
     requests: list[str]  # one raw HTTP request per stream
     open_concurrency: int = 200
+    # Source addresses to spread the streams over (round robin), e.g. 127.0.0.2 …: one address has only
+    # ~28,000 ephemeral ports towards one server port. Empty: the kernel picks (127.0.0.1).
+    local_hosts: list[str] = field(default_factory=list)
 
 
 class LoadGen:
@@ -154,6 +159,7 @@ class LoadGen:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.totals = Totals()
+        self.cpu_at_mark = 0.0
         self.transports: list[asyncio.BaseTransport] = []
 
     async def open(self) -> dict[str, Any]:
@@ -161,12 +167,18 @@ class LoadGen:
         started = time.perf_counter()
         gate = asyncio.Semaphore(self.config.open_concurrency)
 
-        async def one(request: bytes) -> None:
+        hosts = self.config.local_hosts
+
+        async def one(i: int, request: bytes) -> None:
             async with gate:
                 opened: asyncio.Future[bool] = loop.create_future()
+                local = (hosts[i % len(hosts)], 0) if hosts else None
                 try:
                     transport, _ = await loop.create_connection(
-                        lambda: SSEProtocol(request, self.totals, opened), self.config.host, self.config.port
+                        lambda: SSEProtocol(request, self.totals, opened),
+                        self.config.host,
+                        self.config.port,
+                        local_addr=local,
                     )
                 except OSError:
                     self.totals.failed += 1
@@ -181,7 +193,7 @@ class LoadGen:
                 else:
                     self.totals.failed += 1
 
-        await asyncio.gather(*(one(r.encode()) for r in self.config.requests))
+        await asyncio.gather(*(one(i, r.encode()) for i, r in enumerate(self.config.requests)))
         return {
             "opened": self.totals.opened,
             "failed": self.totals.failed,
@@ -193,7 +205,14 @@ class LoadGen:
         self.totals.events = 0
         self.totals.first_receipt = self.totals.last_receipt = 0.0
         self.totals.latencies = array.array("f")
+        self.totals.reads = 0
+        self.cpu_at_mark = self._cpu_seconds()
         return {"ok": True}
+
+    @staticmethod
+    def _cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     async def wait_events(self, n: int, wait_s: float, quiet: float) -> dict[str, Any]:
         """Until n events arrived, nothing arrived for `quiet` seconds after the first, or wait_s passed."""
@@ -206,6 +225,7 @@ class LoadGen:
         return {"events": self.totals.events}
 
     def collect(self) -> dict[str, Any]:
+        """What arrived since the last `mark`; `cpu_seconds` is this process's CPU since then too."""
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "events": self.totals.events,
@@ -213,9 +233,10 @@ class LoadGen:
             "last_receipt": self.totals.last_receipt,
             "latencies": base64.b64encode(self.totals.latencies.tobytes()).decode(),
             "opened": self.totals.opened,
+            "reads": self.totals.reads,
             "closed": self.totals.closed,
             "failed": self.totals.failed,
-            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime - self.cpu_at_mark,
             "maxrss_kb": usage.ru_maxrss,
         }
 
