@@ -42,8 +42,12 @@ class Sizes:
 
 STATS_FLUSH_SECONDS = 11.0
 # hold: streams per load generator process, and source addresses per process (~28,000 ports each).
-HOLD_STREAMS_PER_PROCESS = 25_000
-HOLD_ADDRESSES_PER_PROCESS = 2
+# A process may hold fewer than 20,000 files where the hard RLIMIT_NOFILE is 20,000 and cannot be raised
+# (no CAP_SYS_RESOURCE), so each load generator holds at most 18,000 streams.
+HOLD_STREAMS_PER_PROCESS = 18_000
+HOLD_ADDRESSES_PER_PROCESS = 1
+HOLD_OPEN_TIMEOUT_SECONDS = 20.0
+HOLD_MAX_FAILURES = 200  # per load generator: past this the server is not taking streams any more
 
 FULL = Sizes((1000, 5000, 10000, 20000), 10, 1000, (1000, 2000, 5000, 0), (10, 50, 100, 200), 10, 100_000)
 QUICK = Sizes(
@@ -70,15 +74,13 @@ class LoadGenerators:
         self.procs: list[asyncio.subprocess.Process] = []
         self._files: list[Path] = []
 
-    async def add(
-        self, target: Target, users: list[str], *, pin: bool, local_hosts: list[str] | None = None
-    ) -> dict[str, Any]:
+    async def add(self, target: Target, users: list[str], *, pin: bool, **options: Any) -> dict[str, Any]:
         """A new process holding one stream per entry of `users` (a name may repeat); its open report."""
         handle = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)  # noqa: SIM115
         with handle:
             requests = [target.request(u) for u in users]
             config = {"host": "127.0.0.1", "port": target.port, "requests": requests}
-            json.dump({**config, "local_hosts": local_hosts or []}, handle)
+            json.dump({**config, **options}, handle)
         self._files.append(Path(handle.name))
         command = [sys.executable, "-m", "bench.loadgen", handle.name]
         proc = await asyncio.create_subprocess_exec(
@@ -329,15 +331,17 @@ async def hold(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) ->
     chunks = [names[k::procs] for k in range(procs)]
     try:
         started = time.perf_counter()
+        options = {"open_timeout": HOLD_OPEN_TIMEOUT_SECONDS, "max_failures": HOLD_MAX_FAILURES}
         reports = await asyncio.gather(
             *(
-                gens.add(target, chunk, pin=pin, local_hosts=source_addresses(k) if procs > 1 else None)
+                gens.add(target, chunk, pin=pin, local_hosts=source_addresses(k), **options)
                 for k, chunk in enumerate(chunks)
             )
         )
         open_s = time.perf_counter() - started
         opened = sum(r["opened"] for r in reports)
         failed = sum(r["failed"] for r in reports)
+        skipped = sum(r["skipped"] for r in reports)
         statuses: dict[str, int] = {}
         for r in reports:
             for status, count in r["statuses"].items():
@@ -353,6 +357,12 @@ async def hold(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) ->
     closed = sum(c["closed"] for c in collected)
     reads = sum(c["reads"] for c in collected)
     result = Result("hold", f"{n} streams", target.name)
+    print(
+        f"[bench] hold {n} streams, {target.name}: opened {opened}, failed {failed}, skipped {skipped}, "
+        f"{open_s:.2f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     result.values = {
         "streams_open": opened - closed,
         "open_s": open_s,
@@ -361,10 +371,13 @@ async def hold(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) ->
         "cpu_pct": cpu_percent(before, after),
         "reads_per_stream": reads / max(1, opened),
         "client_cpu_pct": 100 * sum(c["cpu_seconds"] for c in collected) / max(1e-6, after.at - before.at),
-        "errors": failed + closed,
+        "errors": failed + skipped + closed,
     }
-    if failed:
-        result.notes.append(f"{failed} streams failed to open ({statuses})")
+    if failed or skipped:
+        result.notes.append(
+            f"{failed} streams failed to open ({statuses}), {skipped} not tried after "
+            f"{HOLD_MAX_FAILURES} failures in a load generator"
+        )
     if closed:
         result.notes.append(f"{closed} streams closed by the server while held")
     return [result]

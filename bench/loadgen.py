@@ -151,6 +151,10 @@ class Config:
     # Source addresses to spread the streams over (round robin), e.g. 127.0.0.2 …: one address has only
     # ~28,000 ephemeral ports towards one server port. Empty: the kernel picks (127.0.0.1).
     local_hosts: list[str] = field(default_factory=list)
+    open_timeout: float = 60.0  # seconds a stream may take to answer its response head
+    # Give up opening after this many failures (0: never): a server out of file descriptors leaves every
+    # further connection waiting in its accept queue, each for `open_timeout`.
+    max_failures: int = 0
 
 
 class LoadGen:
@@ -168,9 +172,15 @@ class LoadGen:
         gate = asyncio.Semaphore(self.config.open_concurrency)
 
         hosts = self.config.local_hosts
+        max_failures = self.config.max_failures
+        skipped = 0
 
         async def one(i: int, request: bytes) -> None:
+            nonlocal skipped
             async with gate:
+                if max_failures and self.totals.failed >= max_failures:
+                    skipped += 1
+                    return
                 opened: asyncio.Future[bool] = loop.create_future()
                 local = (hosts[i % len(hosts)], 0) if hosts else None
                 try:
@@ -185,7 +195,7 @@ class LoadGen:
                     return
                 self.transports.append(transport)
                 try:
-                    ok = await asyncio.wait_for(opened, 60)
+                    ok = await asyncio.wait_for(opened, self.config.open_timeout)
                 except TimeoutError:
                     ok = False
                 if ok:
@@ -197,6 +207,7 @@ class LoadGen:
         return {
             "opened": self.totals.opened,
             "failed": self.totals.failed,
+            "skipped": skipped,
             "seconds": time.perf_counter() - started,
             "statuses": self.totals.statuses,
         }
