@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import shutil
 import sys
@@ -14,7 +15,7 @@ import uvloop
 
 from bench import targets as targets_mod
 from bench.database import BenchPostgres
-from bench.harness import FULL, QUICK, SCENARIOS, SMOKE, Result, Sizes
+from bench.harness import FULL, PER_SIZE_RESTART, QUICK, SCENARIOS, SMOKE, Result, Sizes
 from bench.report import table, write_results_md
 from bench.system import machine, pin_self, raise_fd_limit
 
@@ -44,14 +45,19 @@ async def run(
     await pg.start()
     results: list[Result] = []
     try:
-        for name in names:
-            await pg.reset()
-            print(f"[bench] {scenario}: {name} …", file=sys.stderr, flush=True)
-            target = await targets_mod.start(name, pg.url, pin=pin)
-            try:
-                results += await SCENARIOS[scenario](pg, target, sizes, pin=pin)
-            finally:
-                target.stop()
+        stepped = PER_SIZE_RESTART.get(scenario)
+        runs = [sizes]
+        if stepped:
+            runs = [dataclasses.replace(sizes, **{stepped: (n,)}) for n in getattr(sizes, stepped)]
+        for step_sizes in runs:
+            for name in names:
+                await pg.reset()
+                print(f"[bench] {scenario}: {name} …", file=sys.stderr, flush=True)
+                target = await targets_mod.start(name, pg.url, pin=pin)
+                try:
+                    results += await SCENARIOS[scenario](pg, target, step_sizes, pin=pin)
+                finally:
+                    target.stop()
     finally:
         pg.stop()
         shutil.rmtree(root, ignore_errors=True)

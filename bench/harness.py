@@ -9,6 +9,7 @@ import array
 import asyncio
 import base64
 import json
+import math
 import sys
 import tempfile
 import time
@@ -31,13 +32,28 @@ class Sizes:
     fan_out_rates: tuple[float, ...]  # statements/s
     step_seconds: float
     burst_rows: int
+    # fan-out-multi: `users` users with this many streams each, one row per user per tick, at these ticks/s.
+    streams_per_user: int = 10
+    multi_rates: tuple[float, ...] = (5, 10, 15, 20, 30)
+    # hold: open this many streams on a freshly started server (each step its own server), hold them.
+    hold_streams: tuple[int, ...] = (10_000, 20_000, 100_000)
+    hold_seconds: float = 60  # four 15 s heartbeat periods
 
 
 STATS_FLUSH_SECONDS = 11.0
+# hold: streams per load generator process, and source addresses per process (~28,000 ports each).
+# A process may hold fewer than 20,000 files where the hard RLIMIT_NOFILE is 20,000 and cannot be raised
+# (no CAP_SYS_RESOURCE), so each load generator holds at most 18,000 streams.
+HOLD_STREAMS_PER_PROCESS = 18_000
+HOLD_ADDRESSES_PER_PROCESS = 1
+HOLD_OPEN_TIMEOUT_SECONDS = 20.0
+HOLD_MAX_FAILURES = 200  # per load generator: past this the server is not taking streams any more
 
 FULL = Sizes((1000, 5000, 10000, 20000), 10, 1000, (1000, 2000, 5000, 0), (10, 50, 100, 200), 10, 100_000)
-QUICK = Sizes((1000, 5000), 5, 1000, (1000, 5000, 0), (10, 50, 200), 4, 100_000)
-SMOKE = Sizes((20,), 0.5, 20, (100,), (5,), 1, 200)
+QUICK = Sizes(
+    (1000, 5000), 5, 1000, (1000, 5000, 0), (10, 50, 200), 4, 100_000, 10, (5, 15, 30), (10_000,), 20
+)
+SMOKE = Sizes((20,), 0.5, 20, (100,), (5,), 1, 200, 3, (5,), (30,), 1)
 
 
 @dataclass
@@ -58,12 +74,13 @@ class LoadGenerators:
         self.procs: list[asyncio.subprocess.Process] = []
         self._files: list[Path] = []
 
-    async def add(self, target: Target, users: list[str], *, pin: bool) -> dict[str, Any]:
-        """A new process holding one stream per user; returns its open report."""
+    async def add(self, target: Target, users: list[str], *, pin: bool, **options: Any) -> dict[str, Any]:
+        """A new process holding one stream per entry of `users` (a name may repeat); its open report."""
         handle = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)  # noqa: SIM115
         with handle:
             requests = [target.request(u) for u in users]
-            json.dump({"host": "127.0.0.1", "port": target.port, "requests": requests}, handle)
+            config = {"host": "127.0.0.1", "port": target.port, "requests": requests}
+            json.dump({**config, **options}, handle)
         self._files.append(Path(handle.name))
         command = [sys.executable, "-m", "bench.loadgen", handle.name]
         proc = await asyncio.create_subprocess_exec(
@@ -206,12 +223,16 @@ async def idle(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) ->
     return results
 
 
-async def _stream_users(target: Target, sizes: Sizes, pin: bool) -> tuple[LoadGenerators, list[str]]:
+async def _stream_users(
+    target: Target, sizes: Sizes, pin: bool, per_user: int = 1
+) -> tuple[LoadGenerators, list[str]]:
     names = users(sizes.users)
     gens = LoadGenerators()
-    report = await gens.add(target, names, pin=pin)
+    report = await gens.add(target, names * per_user, pin=pin)
     if report["failed"]:
-        raise RuntimeError(f"{target.name}: {report['failed']} of {len(names)} streams failed to open")
+        raise RuntimeError(
+            f"{target.name}: {report['failed']} of {len(names) * per_user} streams failed to open"
+        )
     await asyncio.sleep(1)
     return gens, names
 
@@ -269,6 +290,99 @@ async def fan_out(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool)
     return results
 
 
+async def fan_out_multi(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) -> list[Result]:
+    """1,000 users with 10 streams each; one INSERT … SELECT per tick writing one row per user.
+
+    Every row is delivered to each of its user's streams: a tick of 1,000 rows is 10,000 events.
+    """
+    per_user = sizes.streams_per_user
+    gens, names = await _stream_users(target, sizes, pin, per_user)
+    results = []
+    try:
+        for rate in sizes.multi_rates:
+            write = database.write_fan_out(pg.url, names, rate, sizes.step_seconds)
+            step = f"{len(names)}x{per_user} streams, {int(rate)} ticks/s"
+            results.append(await _step(gens, target, "fan-out-multi", step, write, expected_per_row=per_user))
+            await asyncio.sleep(1)
+    finally:
+        await gens.close()
+    return results
+
+
+def source_addresses(process: int) -> list[str]:
+    """The loopback addresses load generator `process` connects from (127.0.1.x: never 127.0.0.1)."""
+    first = 1 + process * HOLD_ADDRESSES_PER_PROCESS
+    return [f"127.0.1.{first + k}" for k in range(HOLD_ADDRESSES_PER_PROCESS)]
+
+
+async def hold(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) -> list[Result]:
+    """Open N streams on a fresh server, hold them `hold_seconds` (heartbeats included): RSS, CPU, errors.
+
+    The runner starts a new server for each size, so `open_s` is from zero streams and the RSS baseline is
+    the freshly started server's. Streams are spread over several load generator processes and source
+    addresses, so 100,000 fit the loopback's ephemeral ports.
+    """
+    (n,) = sizes.hold_streams
+    gens = LoadGenerators()
+    await asyncio.sleep(1)
+    baseline = sample(target.pids())
+    names = users(n, prefix="h")
+    procs = max(1, math.ceil(n / HOLD_STREAMS_PER_PROCESS))
+    chunks = [names[k::procs] for k in range(procs)]
+    try:
+        started = time.perf_counter()
+        options = {"open_timeout": HOLD_OPEN_TIMEOUT_SECONDS, "max_failures": HOLD_MAX_FAILURES}
+        reports = await asyncio.gather(
+            *(
+                gens.add(target, chunk, pin=pin, local_hosts=source_addresses(k), **options)
+                for k, chunk in enumerate(chunks)
+            )
+        )
+        open_s = time.perf_counter() - started
+        opened = sum(r["opened"] for r in reports)
+        failed = sum(r["failed"] for r in reports)
+        skipped = sum(r["skipped"] for r in reports)
+        statuses: dict[str, int] = {}
+        for r in reports:
+            for status, count in r["statuses"].items():
+                statuses[status] = statuses.get(status, 0) + count
+        await asyncio.sleep(1)
+        await gens.all("mark")
+        before = sample(target.pids())
+        await asyncio.sleep(sizes.hold_seconds)
+        after = sample(target.pids())
+        collected = await gens.all("collect")
+    finally:
+        await gens.close()
+    closed = sum(c["closed"] for c in collected)
+    reads = sum(c["reads"] for c in collected)
+    result = Result("hold", f"{n} streams", target.name)
+    print(
+        f"[bench] hold {n} streams, {target.name}: opened {opened}, failed {failed}, skipped {skipped}, "
+        f"{open_s:.2f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    result.values = {
+        "streams_open": opened - closed,
+        "open_s": open_s,
+        "rss_mb": after.rss_kb / 1024,
+        "rss_per_stream_kb": (after.rss_kb - baseline.rss_kb) / max(1, opened),
+        "cpu_pct": cpu_percent(before, after),
+        "reads_per_stream": reads / max(1, opened),
+        "client_cpu_pct": 100 * sum(c["cpu_seconds"] for c in collected) / max(1e-6, after.at - before.at),
+        "errors": failed + skipped + closed,
+    }
+    if failed or skipped:
+        result.notes.append(
+            f"{failed} streams failed to open ({statuses}), {skipped} not tried after "
+            f"{HOLD_MAX_FAILURES} failures in a load generator"
+        )
+    if closed:
+        result.notes.append(f"{closed} streams closed by the server while held")
+    return [result]
+
+
 async def burst(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) -> list[Result]:
     """All rows for 1,000 users in one statement: how long until the last is received."""
     gens, names = await _stream_users(target, sizes, pin)
@@ -296,4 +410,13 @@ async def burst(pg: BenchPostgres, target: Target, sizes: Sizes, *, pin: bool) -
     return [result]
 
 
-SCENARIOS = {"idle": idle, "targeted": targeted, "fan-out": fan_out, "burst": burst}
+SCENARIOS = {
+    "idle": idle,
+    "targeted": targeted,
+    "fan-out": fan_out,
+    "fan-out-multi": fan_out_multi,
+    "burst": burst,
+    "hold": hold,
+}
+# Scenarios run once per size, each against a freshly started server (the field of Sizes they step over).
+PER_SIZE_RESTART = {"hold": "hold_streams"}

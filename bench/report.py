@@ -15,6 +15,26 @@ COLUMNS = {
     "idle": ["open_s", "rss_per_stream_kb", "cpu_pct", "db_xact_per_s", "streams_open"],
     "targeted": ["rows_per_s", "delivered_per_s", "p50_ms", "p99_ms", "max_ms", "lost", "server_cpu_pct"],
     "fan-out": ["rows_per_s", "delivered_per_s", "p50_ms", "p99_ms", "max_ms", "lost", "server_cpu_pct"],
+    "fan-out-multi": [
+        "rows_per_s",
+        "delivered_per_s",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "lost",
+        "server_cpu_pct",
+        "client_cpu_pct",
+    ],
+    "hold": [
+        "open_s",
+        "streams_open",
+        "errors",
+        "rss_per_stream_kb",
+        "rss_mb",
+        "cpu_pct",
+        "reads_per_stream",
+        "client_cpu_pct",
+    ],
     "burst": ["last_after_commit_s", "statement_s", "delivered_per_s", "lost", "server_cpu_pct"],
 }
 
@@ -63,8 +83,8 @@ METHOD = """## Method
 - The server under test runs alone on core 0 (`taskset -c 0`); the load generator, the writers and the
   bench's own Postgres (a durable throwaway cluster, `pgpush.embedded.EmbeddedPostgres`) share core 1.
 - The load generator (`bench/loadgen.py`) is a separate uvloop process speaking raw HTTP/1.1 over asyncio
-  Protocols; its CPU is reported as `client_cpu_pct` (near 100 % means the client, not the server, bounds
-  the delivered rate).
+  Protocols; its CPU over the step is reported as `client_cpu_pct` (near 100 % means the client, not the
+  server, bounds the delivered rate).
 - Every row carries `{"t": clock_timestamp() in epoch ms}` set inside its INSERT; latency is receipt time
   minus that stamp. Writers use `synchronous_commit = off` for their sessions so WAL flushes do not add disk
   noise to every target alike (a commit is visible and notified before its flush either way).
@@ -72,6 +92,14 @@ METHOD = """## Method
   fan-out: one `INSERT … SELECT` per tick writing one row per user (4 sessions pace the ticks).
   burst: one statement writing all rows round-robin over 1,000 users; `last_after_commit_s` is the last
   receipt minus the moment the statement returned.
+  fan-out-multi: 1,000 users with 10 streams each (10,000 streams), one `INSERT … SELECT` per tick writing
+  one row per user, so each tick is 1,000 rows and 10,000 events; the tick rate rises step by step.
+- hold: each size against a freshly started server: open N streams from zero (`open_s`, several load
+  generator processes, each connecting from its own 127.0.1.x source addresses so 100,000 fit the
+  loopback's ephemeral ports), then hold them `hold_seconds` (60 s: four 15 s heartbeat periods).
+  `cpu_pct` is the server's over that window, heartbeats included; `rss_per_stream_kb` is (RSS at the end
+  minus the fresh server's) / streams opened; `reads_per_stream` is socket reads per stream while held
+  (the heartbeats seen); `errors` is streams that failed to open plus streams the server closed.
 - Server CPU and RSS are read from /proc/<pid>/stat and statm (nchan: nginx master + worker + relay).
   Idle `db_xact_per_s` is the bench database's `pg_stat_database.xact_commit` delta while idle.
 - nchan has no Postgres integration: `bench/peers/relay.py` LISTENs, reads new rows exactly like the

@@ -124,7 +124,7 @@ async def start(name: str, database_url: str, *, pin: bool = True) -> Target:
                 "PGPUSH_JWT_SECRET": JWT_SECRET,
                 "PGPUSH_PORT": str(port),
                 "PGPUSH_MAX_STREAMS_PER_USER": "100000",
-                "PGPUSH_MAX_STREAMS": "100000",
+                "PGPUSH_MAX_STREAMS": "200000",
                 "PGPUSH_LOG_LEVEL": "warning",
             }
             launch([sys.executable, "-m", "pgpush", "serve"], env, server_cpu)

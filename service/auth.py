@@ -7,9 +7,12 @@ configured), and its `tickets` attribute issues and checks stream tickets (None 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,12 @@ TICKET_ALGORITHM = "HS256"
 # HKDF `info`: the ticket key is a different key from the secret it comes from, so a ticket never
 # verifies as an API token and an API token never verifies as a ticket.
 TICKET_KEY_INFO = b"pgpush stream ticket key v1"
+
+# The verified-token cache: how long a verified token may be served without verifying it again (a JWKS
+# refetch, a config change by restart, or a key revoked at the provider takes effect within this), and how
+# many tokens it remembers (least recently used first out, so a flood of distinct tokens cannot grow it).
+TOKEN_CACHE_SECONDS = 60.0
+TOKEN_CACHE_ENTRIES = 10_000
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 
@@ -114,6 +123,71 @@ class KeyConfig:
             issuer=s.publisher_jwt_issuer or base.issuer,
             label="PGPUSH_PUBLISHER_JWT" if own_keys else base.label,
         )
+
+
+def token_digest(token: str) -> bytes:
+    """The cache key of a token: its SHA-256, so the cache never holds a credential."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+class VerifiedTokenCache:
+    """Principals of tokens that verified, by the SHA-256 of the token, until `exp` (+ leeway) or the cap.
+
+    Only successes go in (a refused token is verified again every time: nothing an attacker sends can
+    fill it with refusals). A hit past the token's `exp` (+ leeway, exactly pyjwt's rule) is refused and
+    dropped; a hit past the cap is dropped and the token verified afresh. Bounded: the least recently
+    used entry leaves when a new one would exceed `max_entries`.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = TOKEN_CACHE_ENTRIES,
+        max_age: float = TOKEN_CACHE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self.clock = clock  # the wall clock, as pyjwt's `exp` check uses
+        self._entries: OrderedDict[bytes, tuple[Principal, float, float]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, digest: bytes) -> Principal | None:
+        """The cached principal; None on a miss; AuthError when the cached token has expired since."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            self.misses += 1
+            return None
+        principal, expires_at, cached_until = entry
+        now = self.clock()
+        if now >= expires_at:
+            del self._entries[digest]
+            raise AuthError("the token has expired")
+        if now >= cached_until:
+            del self._entries[digest]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(digest)
+        self.hits += 1
+        return principal
+
+    def put(self, digest: bytes, principal: Principal, leeway: float) -> None:
+        # pyjwt refuses a token once `exp <= now - leeway`: the entry dies at the same instant.
+        expires_at = principal.exp + leeway
+        now = self.clock()
+        if now >= expires_at or self.max_entries <= 0:
+            return
+        self._entries[digest] = (principal, expires_at, now + self.max_age)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
 
 
 def load_public_key(text_or_path: str) -> PublicKey:
@@ -216,9 +290,15 @@ class TokenVerifier:
 
     `verify` never does I/O; `verify_async` also fetches the JWKS (in a thread) when a token names a
     `kid` the cache lacks, as often as the refetch rate limit allows.
+
+    Both serve a token that verified before from `token_cache` (keyed by its SHA-256) until its `exp` and
+    at most TOKEN_CACHE_SECONDS, so a reconnecting client is not verified again on every open; the cache
+    is emptied whenever the JWKS is refetched. `verifications` counts the tokens actually verified.
     """
 
-    def __init__(self, settings: Settings, keys: KeyConfig | None = None) -> None:
+    def __init__(
+        self, settings: Settings, keys: KeyConfig | None = None, token_cache: VerifiedTokenCache | None = None
+    ) -> None:
         config = keys or KeyConfig.for_subscribers(settings)
         self._config = config
         self._leeway = settings.jwt_leeway_seconds
@@ -259,6 +339,9 @@ class TokenVerifier:
                 f"{config.label}_* (a secret takes HS*, a public key or JWKS RS*/PS*/ES*/EdDSA)"
             )
         self._algorithms = frozenset(allowed)
+        self.token_cache = token_cache if token_cache is not None else VerifiedTokenCache()
+        self._cache_generation = 0
+        self.verifications = 0
 
         # Only the subscribers' verifier (built without `keys`) carries the publisher one and the tickets.
         self.publishers: TokenVerifier = self
@@ -306,6 +389,7 @@ class TokenVerifier:
 
     def _decode(self, token: str, key: object, alg: str) -> Principal:
         c = self._config
+        self.verifications += 1
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -320,15 +404,34 @@ class TokenVerifier:
             raise _decode_error(exc) from exc
         return Principal(sub=_check_subject(claims), exp=float(claims["exp"]), scopes=_scopes(claims))
 
+    def _cached(self, digest: bytes) -> Principal | None:
+        jwks = self._jwks
+        if jwks is not None and jwks.generation != self._cache_generation:
+            # The key set was refetched (perhaps a key was rotated out): verify every token anew.
+            self.token_cache.clear()
+            self._cache_generation = jwks.generation
+        return self.token_cache.get(digest)
+
     def verify(self, token: str) -> Principal:
         """The token's principal, or AuthError saying what is wrong (never echoing the token). No I/O."""
-        key, alg = self._key(_header(token))
-        return self._decode(token, key, alg)
+        digest = token_digest(token)
+        principal = self._cached(digest)
+        if principal is None:
+            key, alg = self._key(_header(token))
+            principal = self._decode(token, key, alg)
+            self.token_cache.put(digest, principal, self._leeway)
+        return principal
 
     async def verify_async(self, token: str) -> Principal:
         """Like `verify`, but a `kid` missing from the JWKS cache triggers a (rate-limited) refetch."""
-        header = _header(token)
+        digest = token_digest(token)
         jwks = self._jwks
+        principal = self._cached(digest)
+        if principal is not None:
+            if jwks is not None and jwks.is_stale():
+                jwks.refresh_in_background()
+            return principal
+        header = _header(token)
         try:
             key, alg = self._key(header)
         except _UnknownKidError:
@@ -343,7 +446,9 @@ class TokenVerifier:
             key, alg = self._key(header)
         if jwks is not None and jwks.is_stale():
             jwks.refresh_in_background()
-        return self._decode(token, key, alg)
+        principal = self._decode(token, key, alg)
+        self.token_cache.put(digest, principal, self._leeway)
+        return principal
 
     async def prefetch(self) -> None:
         """Load the JWKS (subscribers' and publishers') before the first request needs it."""

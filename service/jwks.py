@@ -43,6 +43,8 @@ class JwksCache:
         self._lock = threading.Lock()
         self._inflight: asyncio.Future[None] | None = None
         self.fetches = 0
+        # Bumped by every successful fetch: a cache of verified tokens drops its entries when it changes.
+        self.generation = 0
 
     def key(self, kid: str) -> PyJWK | None:
         """The cached key with this `kid`, without any I/O."""
@@ -80,6 +82,7 @@ class JwksCache:
             # Symmetric keys have no place in a published key set: admitting one would let anyone who
             # can read the set mint tokens.
             keys = {k.key_id: k for k in signing_keys if k.key_id and k.key_type != "oct"}
+            self.generation += 1
             self._keys, self._fetched_at, self._last_error = keys, time.monotonic(), None
             log.info("fetched the JWKS", extra={"jwks_url": self.url, "kids": sorted(keys)})
 

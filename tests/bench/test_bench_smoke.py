@@ -42,3 +42,29 @@ async def test_burst_smoke_run_receives_the_whole_statement(database_url: str) -
     assert result.values["lost"] == 0
     assert not math.isnan(result.values["last_after_commit_s"])
     assert result.values["delivered_per_s"] > 0
+
+
+async def test_fan_out_with_several_streams_per_user_delivers_every_row_to_every_stream(
+    database_url: str,
+) -> None:
+    (result,) = await asyncio.wait_for(
+        run("fan-out-multi", ["pgpush"], SMOKE, database_url=database_url, pin=False), timeout=60
+    )
+
+    # 20 users x 3 streams: every row of a tick reaches all three of its user's streams, none lost.
+    assert result.step == "20x3 streams, 5 ticks/s"
+    assert result.values["rows_per_s"] > 0
+    assert result.values["lost"] == 0
+    assert result.values["delivered_per_s"] > 0
+    assert "| fan-out-multi | 20x3 streams, 5 ticks/s | client_cpu_pct |" in table([result], ["pgpush"])
+
+
+async def test_hold_opens_streams_on_a_fresh_server_and_keeps_them_all(database_url: str) -> None:
+    (result,) = await asyncio.wait_for(
+        run("hold", ["pgpush"], SMOKE, database_url=database_url, pin=False), timeout=60
+    )
+
+    assert result.step == "30 streams"
+    assert result.values["streams_open"] == 30
+    assert result.values["errors"] == 0
+    assert result.values["rss_mb"] > 10
