@@ -460,9 +460,15 @@ async def test_every_row_shows_whatever_its_type_and_mark_all_read_marks_only_wh
         "SELECT 'alice', 'backlog', jsonb_build_object('n', n) FROM generate_series(1, 105) AS n"
     )
     unseen = [r["seq"] for r in await db.fetch("SELECT seq FROM messages ORDER BY seq LIMIT 5")]
+    inbox_reads: list[str] = []
+    context.on("requestfinished", lambda r: inbox_reads.append(r.url) if "/me/messages?" in r.url else None)
     page = await open_inbox(context, server, make_token("alice"))
     await expect(page.locator("li.message")).to_have_count(100)
     await expect(page.locator("#more")).to_be_visible()
+    # The page reads the inbox twice: on load, and again on the stream's `reset`. Both must be answered
+    # before the live rows go in: a reread answered after them would hold the newest 100 unread rows,
+    # live ones included, and rightly push one more backlog row off screen.
+    await wait_until(lambda: len(inbox_reads) >= 2, within=WAIT_S, what="the page reread its inbox on reset")
 
     # Types no list names: the README's own `publish --follow … --event log`, a chat, then a lead.
     live = [await insert(db, event, '{"text": "hi"}') for event in ("chat", "log", "lead")]
