@@ -21,6 +21,7 @@ from .api.limits import BodySizeLimit
 from .auth import TokenVerifier
 from .config import Settings
 from .db import Database
+from .descriptors import stream_capacity
 from .hints import Hint
 from .hub import Hub
 from .listener import Listener
@@ -45,7 +46,8 @@ def create_app(settings: Settings) -> FastAPI:
         db = await Database.connect(database_url, max_size=settings.pool_max_size)
         hub = Hub(
             db,
-            max_streams=settings.max_streams,
+            # The pool, plus the listener's and the announcer's connections with a spare each (reconnects).
+            max_streams=stream_capacity(settings.max_streams, settings.pool_max_size + 4),
             max_streams_per_user=settings.max_streams_per_user,
             buffer_bytes=settings.stream_buffer_bytes,
             backoff_max=settings.reconnect_backoff_max_seconds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -39,19 +40,32 @@ class ServerProcess:
     """One `python -m pgpush serve`; settings are PGPUSH_* names without the prefix, lowercase.
 
     With no database URL the process runs in development mode: its own embedded Postgres and JWT secret.
+    `open_files` sets the process's open-files limit (soft and hard), as `ulimit -n` would.
     """
 
-    def __init__(self, database_url: str | None, port: int | None = None, **settings: object) -> None:
+    def __init__(
+        self,
+        database_url: str | None,
+        port: int | None = None,
+        open_files: int | None = None,
+        **settings: object,
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.lines: list[str] = []
         env = cli_environment(database_url, **{"port": self.port, **settings})
+
+        def limit_open_files() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pgpush", "serve"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=limit_open_files if open_files is not None else None,
         )
         # Drained all along, so a chatty server never blocks on a full pipe.
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
