@@ -56,7 +56,10 @@ export interface ConnectOptions {
   onStatus?: (status: Status) => void;
   /** Share one stream between the tabs of this origin (Web Locks + BroadcastChannel). Default true. */
   shared?: boolean;
-  /** The Web Lock tabs queue on; tabs with the same name share a stream. Default "pgpush-stream". */
+  /**
+   * The Web Lock tabs queue on; tabs with the same name share a stream (the holder's). Default
+   * "pgpush-stream". Name it per user if different users can be signed in in different tabs of one origin.
+   */
   lockName?: string;
   /** The BroadcastChannel the holding tab relays on. Default "pgpush-stream". */
   channelName?: string;

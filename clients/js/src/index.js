@@ -31,6 +31,9 @@
  * nothing is lost (a row relayed twice is dropped by its id). Without Web Locks or BroadcastChannel
  * (e.g. plain http from a host other than localhost: Web Locks needs a secure context), or with
  * `shared: false`, each tab opens its own stream.
+ * The tab holding the stream connects with ITS credentials and every tab sharing the names gets its rows:
+ * an app that can sign different users in in different tabs of one origin (per-tab tokens) must give
+ * each user its own names, e.g. `lockName: "pgpush-" + userId, channelName: "pgpush-" + userId`.
  *
  * Pauses and restarts. pgpush closes an idle stream with `event: pause` and
  * `data: {"reconnect_at": <epoch ms>}`; the client reconnects at that time with `?lastEventId=<id>`. When
