@@ -35,8 +35,10 @@ class Trickled:
 
 async def trickle(port: int, request: bytes) -> Trickled:
     """Send the request a byte every 0.2 s (never completing it) until the server answers and hangs up."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # Before connecting: the server arms its timer when it accepts, which its own thread may do before this
+    # busy loop resumes after the connect (a start taken after it once measured less than the deadline).
     started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         answer = asyncio.create_task(reader.read())  # everything until the server closes
         async with asyncio.timeout(GIVE_UP_AFTER):
